@@ -1,0 +1,392 @@
+"""T2T-ViT: Tokens-to-Token Vision Transformer.
+
+Paper: "Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet",
+Yuan et al., ICCV 2021 (arXiv:2101.11986).
+
+Checked against the authors' reference release (``models/t2t_vit.py``,
+``token_performer.py``, ``token_transformer.py``): the state-dict keys and shapes are
+the reference's, so released checkpoints load with ``strict=True`` and give the same
+logits (see ``tests/test_parity.py``). Deliberate differences, none of which changes the
+numbers of a released checkpoint:
+
+- attention runs through ``F.scaled_dot_product_attention`` (``attn_impl='naive'``
+  keeps the reference's explicit softmax), and the Performer's einsum/repeat chain is
+  written as three matmuls, always in float32;
+- the backbone attention scale is ``head_dim ** -0.5`` (the reference default). The
+  reference's ``pretrained=True`` path would set ``embed_dim ** -0.5``; released
+  weights are evaluated without it, so ``qk_scale`` is only an override here;
+- any image size whose T2T grid is whole works, not only squares divisible by 16, and
+  the position table is resized on load when the grid changes;
+- the forward returns timm's contract: ``forward_features`` gives all tokens,
+  ``forward_head`` takes the class token.
+"""
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq  # noqa: F401  (re-exported for ablations)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..layers.attention import Attention, check_attn_impl
+from ..layers.pos_table import resize_pos_table, sinusoid_table
+from ..layers.t2t import T2TModule, to_2tuple_int
+
+__all__ = ['T2TViT', 'Block', 'MODEL_CONFIGS', 'PAPER_RESULTS']
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block of the backbone (reference ``transformer_block.Block``)."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = False,
+            qk_scale: Optional[float] = None,
+            drop: float = 0.0,
+            attn_drop: float = 0.0,
+            drop_path: float = 0.0,
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            attn_impl: str = 'sdpa',
+            attn_layer: Callable[..., nn.Module] = Attention,
+            mlp_layer: Callable[..., nn.Module] = Mlp,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_layer(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                               attn_drop=attn_drop, proj_drop=drop, attn_impl=attn_impl)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class T2TViT(nn.Module):
+    """T2T module + class token + fixed sinusoid position table + deep-narrow ViT backbone."""
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = False,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            norm_layer: Optional[Callable[..., nn.Module]] = None,
+            token_dim: int = 64,
+            token_mixer: str = 'performer',
+            t2t_kernel_sizes: Tuple[int, int, int] = (7, 3, 3),
+            t2t_strides: Tuple[int, int, int] = (4, 2, 2),
+            t2t_paddings: Tuple[int, int, int] = (2, 1, 1),
+            kernel_ratio: float = 0.5,
+            attn_impl: str = 'sdpa',
+            pos_embed_resize: str = 'bicubic',
+            dynamic_img_size: bool = False,
+            block_fn: Callable[..., nn.Module] = Block,
+    ):
+        super().__init__()
+        if global_pool not in ('token', ''):
+            raise ValueError(f"global_pool {global_pool!r} is not supported (T2T-ViT classifies the class token: 'token')")
+        if pos_embed_resize not in ('bicubic', 'sinusoid'):
+            raise ValueError(f"pos_embed_resize must be 'bicubic' or 'sinusoid', got {pos_embed_resize!r}")
+        norm_layer = norm_layer or nn.LayerNorm
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.attn_impl = check_attn_impl(attn_impl)
+        self.pos_embed_resize = pos_embed_resize
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self.img_size = to_2tuple_int(img_size)
+
+        self.tokens_to_token = self._build_stem(
+            img_size=img_size, in_chans=in_chans, embed_dim=embed_dim, token_dim=token_dim, token_mixer=token_mixer,
+            kernel_sizes=t2t_kernel_sizes, strides=t2t_strides, paddings=t2t_paddings, kernel_ratio=kernel_ratio,
+            attn_impl=attn_impl)
+        self.grid_size = self.tokens_to_token.grid_size
+        num_patches = self.grid_size[0] * self.grid_size[1]
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # fixed (untrained) sinusoid table, saved in the state dict like the reference's
+        self.pos_embed = nn.Parameter(sinusoid_table(num_patches + 1, embed_dim), requires_grad=False)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([
+            block_fn(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                     drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
+                     attn_impl=attn_impl)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = self._feature_info()
+
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    # -- construction hooks (ablations override these) ------------------------------------------
+    def _build_stem(self, **kwargs) -> nn.Module:
+        return T2TModule(**kwargs)
+
+    def _feature_info(self) -> List[Dict[str, Any]]:
+        t2t = self.tokens_to_token
+        s0, s1, s2 = t2t.strides
+        info = [
+            dict(num_chs=t2t.token_dim, reduction=s0, module='tokens_to_token.attention1'),
+            dict(num_chs=t2t.token_dim, reduction=s0 * s1, module='tokens_to_token.attention2'),
+        ]
+        info += [dict(num_chs=self.embed_dim, reduction=s0 * s1 * s2, module=f'blocks.{i}')
+                 for i in range(len(self.blocks))]
+        return info
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # -- timm model contract ---------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {'cls_token', 'pos_embed'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|^pos_embed|^tokens_to_token',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+        self.tokens_to_token.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('token', ''):
+                raise ValueError(f"global_pool {global_pool!r} is not supported (expected 'token')")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        pos = self.pos_embed
+        if self.dynamic_img_size and (grid_h != self.grid_size[0] or grid_w != self.grid_size[1]):
+            pos = resize_pos_table(pos, (grid_h, grid_w), old_grid=self.grid_size, mode=self.pos_embed_resize)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return self.pos_drop(x + pos)
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def _tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], int, int]:
+        """T2T tokens with class token and positions, the T2T stage maps, and the token grid."""
+        tokens, stages = self.tokens_to_token.forward_stages(x)
+        last = stages[-1]
+        s = self.tokens_to_token.strides[2]
+        k = self.tokens_to_token.kernel_sizes[2]
+        p = self.tokens_to_token.paddings[2]
+        grid_h = (last.shape[2] + 2 * p - k) // s + 1
+        grid_w = (last.shape[3] + 2 * p - k) // s + 1
+        return self._pos_embed(tokens, grid_h, grid_w), stages, grid_h, grid_w
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised tokens (B, 1 + grid, embed_dim); token 0 is the class token."""
+        x = self._tokens(x)[0]
+        for blk in self.blocks:
+            x = self._run_block(blk, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'token':
+            x = x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the two T2T stages (strides 4, 8) and of the backbone blocks (stride 16).
+
+        Index 0 and 1 are the restructurized T2T stages, index ``2 + i`` is block ``i``;
+        ``norm=True`` applies the final norm to block outputs.
+        """
+        assert output_fmt in ('NCHW', 'NLC'), 'output_fmt must be NCHW or NLC'
+        num_stages = 2
+        take_indices, max_index = feature_take_indices(num_stages + len(self.blocks), indices)
+        B = x.shape[0]
+        x, stages, grid_h, grid_w = self._tokens(x)
+        intermediates: List[torch.Tensor] = []
+        for i, stage in enumerate(stages):
+            if i in take_indices:
+                intermediates.append(stage if output_fmt == 'NCHW' else stage.flatten(2).transpose(1, 2))
+        for i, blk in enumerate(self.blocks):
+            if stop_early and i + num_stages > max_index and not torch.jit.is_scripting():
+                break
+            x = self._run_block(blk, x)
+            if i + num_stages in take_indices:
+                y = self.norm(x) if norm else x
+                y = y[:, self.num_prefix_tokens:]
+                if output_fmt == 'NCHW':
+                    y = y.reshape(B, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append(y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(2 + len(self.blocks), indices)
+        self.blocks = self.blocks[:max(0, max_index - 1)]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+# ---------------------------------------------------------------------------------------------
+# Model table: one small dict per registered model. Paper numbers: Table 1-4, 6-7 of the paper
+# and the reference README (top-1 on ImageNet val at 224, params in M, MACs in G).
+# ---------------------------------------------------------------------------------------------
+_PERFORMER = dict(token_mixer='performer')
+_TRANSFORMER = dict(token_mixer='transformer')
+
+MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
+    't2t_vit_7': dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
+    't2t_vit_10': dict(embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
+    't2t_vit_12': dict(embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
+    't2t_vit_14': dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, **_PERFORMER),
+    't2t_vit_19': dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, **_PERFORMER),
+    't2t_vit_24': dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, **_PERFORMER),
+    't2t_vit_t_14': dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, **_TRANSFORMER),
+    't2t_vit_t_19': dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, **_TRANSFORMER),
+    't2t_vit_t_24': dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, **_TRANSFORMER),
+    # Table 6: ResNeXt-like (more heads) and wide-shallow structures
+    't2t_vit_14_resnext': dict(embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.0, **_PERFORMER),
+    't2t_vit_14_wide': dict(embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.0, **_PERFORMER),
+    # small images (CIFAR, the built-in digits): 32x32 -> 32x32 -> 16x16 -> 8x8 tokens
+    't2t_vit_7_32': dict(img_size=32, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0,
+                         t2t_kernel_sizes=(3, 3, 3), t2t_strides=(1, 2, 2), t2t_paddings=(1, 1, 1), **_PERFORMER),
+}
+
+# (top-1 %, params M, MACs G) as published; None where the paper gives no number
+PAPER_RESULTS: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]]] = {
+    't2t_vit_7': (71.7, 4.3, 1.1),
+    't2t_vit_10': (75.2, 5.9, 1.5),
+    't2t_vit_12': (76.5, 6.9, 1.8),
+    't2t_vit_14': (81.5, 21.5, 4.8),
+    't2t_vit_19': (81.9, 39.2, 8.5),
+    't2t_vit_24': (82.3, 64.1, 13.8),
+    't2t_vit_t_14': (81.7, 21.5, 6.1),
+    't2t_vit_t_19': (82.4, 39.2, 9.8),
+    't2t_vit_t_24': (82.6, 64.1, 15.0),
+    't2t_vit_14_resnext': (81.5, 21.5, 4.8),
+    't2t_vit_14_wide': (77.9, 25.0, 5.2),
+}
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'tokens_to_token.attention1.kqv',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+def _first_conv(cfg: Dict[str, Any]) -> str:
+    mixer = cfg.get('token_mixer', 'performer')
+    return {'performer': 'tokens_to_token.attention1.kqv', 'transformer': 'tokens_to_token.attention1.attn.qkv',
+            'convolution': 'tokens_to_token.soft_split0', 'patch': 'patch_embed.proj'}[mixer]
+
+
+def default_cfg_for(name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    size = to_2tuple_int(cfg.get('img_size', 224))
+    return _cfg(input_size=(cfg.get('in_chans', 3),) + size, first_conv=_first_conv(cfg),
+                crop_pct=1.0 if size[0] < 64 else 0.9)
+
+
+default_cfgs = {name: default_cfg_for(name, cfg) for name, cfg in MODEL_CONFIGS.items()}
+
+
+def _num_feature_stages(model_cls, kwargs) -> int:
+    return 2 + int(kwargs.get('depth', 12))
+
+
+def create_t2t_vit(variant: str, pretrained: bool = False, model_cls=T2TViT, **kwargs) -> nn.Module:
+    """Build a registered variant: its table entry, overridden by ``kwargs``."""
+    model_args = {**MODEL_CONFIGS[variant], **kwargs}
+    out_indices = model_args.pop('out_indices', (0, 1, -1))
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_strict=True,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        **model_args,
+    )
+
+
+def _entry(name: str):
+    def fn(pretrained: bool = False, **kwargs) -> T2TViT:
+        return create_t2t_vit(name, pretrained=pretrained, **kwargs)
+    fn.__name__ = name
+    fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__doc__ = f'{name}: {MODEL_CONFIGS[name]}'
+    return fn
+
+
+# one loop registers every variant of the table (timm reads ``default_cfgs`` above)
+for _name in MODEL_CONFIGS:
+    globals()[_name] = register_model(_entry(_name))
