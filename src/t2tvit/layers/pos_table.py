@@ -5,7 +5,8 @@ The reference T2T-ViT keeps a *fixed* sinusoid table (a parameter with
 another image size resizes the grid part bicubically (reference ``utils.py``,
 ``F.interpolate(mode='bicubic')``, ``align_corners=False``).
 """
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
 def resize_pos_table(
         table: torch.Tensor,
         new_grid: Tuple[int, int],
-        old_grid: Tuple[int, int] = None,
+        old_grid: Optional[Tuple[int, int]] = None,
         num_prefix_tokens: int = 1,
         mode: str = 'bicubic',
 ) -> torch.Tensor:
@@ -33,22 +34,25 @@ def resize_pos_table(
 
     ``mode='bicubic'`` interpolates the grid rows like the reference transfer code;
     ``mode='sinusoid'`` regenerates the exact sinusoid table for the new length.
+    Scriptable: the model calls it in forward when ``dynamic_img_size=True``.
     """
     new_len = num_prefix_tokens + new_grid[0] * new_grid[1]
     if mode == 'sinusoid':
-        return sinusoid_table(new_len, table.shape[-1]).to(table.dtype)
+        return sinusoid_table(new_len, table.shape[-1]).to(table.device, table.dtype)
     if mode != 'bicubic':
-        raise ValueError(f"unknown pos_embed_resize mode {mode!r} (expected 'bicubic' or 'sinusoid')")
+        raise ValueError("unknown pos_embed_resize mode " + mode + " (expected 'bicubic' or 'sinusoid')")
     prefix, grid = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
     if old_grid is None:
-        side = int(round(grid.shape[1] ** 0.5))
+        side = int(math.sqrt(grid.shape[1]) + 0.5)
         if side * side != grid.shape[1]:
-            raise ValueError(f'cannot infer the grid of a position table with {grid.shape[1]} tokens; pass old_grid')
-        old_grid = (side, side)
-    if tuple(old_grid) == tuple(new_grid):
+            raise ValueError('cannot infer the grid of a non-square position table; pass old_grid')
+        old_h, old_w = side, side
+    else:
+        old_h, old_w = old_grid[0], old_grid[1]
+    if old_h == new_grid[0] and old_w == new_grid[1]:
         return table
     dtype = table.dtype
-    grid = grid.float().reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode='bicubic', align_corners=False)
+    grid = grid.float().reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=[new_grid[0], new_grid[1]], mode='bicubic', align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1)
     return torch.cat([prefix.float(), grid], dim=1).to(dtype)

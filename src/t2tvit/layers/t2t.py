@@ -13,6 +13,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .attention import TokenAttention
 from .performer import TokenPerformer
@@ -149,21 +150,22 @@ class T2TModule(nn.Module):
         g1 = self._split_grid(H, W, 0)
         g2 = self._split_grid(g1[0], g1[1], 1)
         x = self.soft_split0(x).transpose(1, 2)
-        x = self._mix(self.attention1, x)
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            x = torch.utils.checkpoint.checkpoint(self.attention1, x, use_reentrant=False)
+        else:
+            x = self.attention1(x)
         # re-structurization: tokens back to an image of token_dim channels
         x = x.transpose(1, 2).reshape(B, self.token_dim, g1[0], g1[1])
         stages.append(x)
         x = self.soft_split1(x).transpose(1, 2)
-        x = self._mix(self.attention2, x)
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            x = torch.utils.checkpoint.checkpoint(self.attention2, x, use_reentrant=False)
+        else:
+            x = self.attention2(x)
         x = x.transpose(1, 2).reshape(B, self.token_dim, g2[0], g2[1])
         stages.append(x)
         x = self.soft_split2(x).transpose(1, 2)
         return self.project(x), stages
-
-    def _mix(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            return torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-        return layer(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[0]

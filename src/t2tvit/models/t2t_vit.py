@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
@@ -203,10 +204,6 @@ class T2TViT(nn.Module):
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         return self.pos_drop(x + pos)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
 
     def _tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], int, int]:
         """T2T tokens with class token and positions, the T2T stage maps, and the token grid."""
@@ -223,7 +220,10 @@ class T2TViT(nn.Module):
         """(B, C, H, W) -> normalised tokens (B, 1 + grid, embed_dim); token 0 is the class token."""
         x = self._tokens(x)[0]
         for blk in self.blocks:
-            x = self._run_block(blk, x)
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -261,7 +261,10 @@ class T2TViT(nn.Module):
         for i, blk in enumerate(self.blocks):
             if stop_early and i + num_stages > max_index and not torch.jit.is_scripting():
                 break
-            x = self._run_block(blk, x)
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
             if i + num_stages in take_indices:
                 y = self.norm(x) if norm else x
                 y = y[:, self.num_prefix_tokens:]

@@ -1,0 +1,141 @@
+"""The timm model contract, as a timm user relies on it, for the paper's models."""
+import pytest
+import timm
+import torch
+
+import t2tvit
+
+SMALL = 't2t_vit_7_32'  # 32x32 geometry: fast on CPU, same code paths as the 224 models
+
+
+def _model(name=SMALL, **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, **kw).eval()
+
+
+def _x(size=32, batch=2, chans=3):
+    return torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_every_paper_model_is_registered_in_timm():
+    paper = ['t2t_vit_7', 't2t_vit_10', 't2t_vit_12', 't2t_vit_14', 't2t_vit_19', 't2t_vit_24',
+             't2t_vit_t_14', 't2t_vit_t_19', 't2t_vit_t_24', 't2t_vit_14_resnext', 't2t_vit_14_wide']
+    assert set(paper) <= set(timm.list_models('t2t_vit*'))
+    assert set(paper) <= set(t2tvit.list_models())
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14'])
+def test_pretrained_cfg_matches_the_reference_evaluation(name):
+    model = timm.create_model(name)
+    cfg = model.pretrained_cfg
+    assert cfg['input_size'] == (3, 224, 224)
+    assert cfg['crop_pct'] == 0.9 and cfg['interpolation'] == 'bicubic'
+    assert tuple(cfg['mean']) == (0.485, 0.456, 0.406) and tuple(cfg['std']) == (0.229, 0.224, 0.225)
+    assert cfg['classifier'] == 'head' and cfg['num_classes'] == 1000
+    first = dict(model.named_modules())[cfg['first_conv']]
+    assert first.weight.shape[1] == 3 * 7 * 7  # consumes the first soft split of the RGB image
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert data_cfg['crop_pct'] == 0.9
+
+
+def test_forward_features_head_and_classifier():
+    model = _model()
+    x = _x()
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 1 + 8 * 8, 256)
+    assert model.num_features == model.head_hidden_size == 256
+    pre = model.forward_head(tokens, pre_logits=True)
+    torch.testing.assert_close(pre, tokens[:, 0])
+    torch.testing.assert_close(model(x), model.get_classifier()(pre))
+    assert model(x).shape == (2, 1000) and model.num_classes == 1000
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7) and model.num_classes == 7
+    model.reset_classifier(0)
+    torch.testing.assert_close(model(x), pre)
+    assert {'cls_token'} <= model.no_weight_decay()
+
+
+def test_num_classes_in_chans_and_drop_path_kwargs():
+    model = _model(num_classes=3, in_chans=1, drop_path_rate=0.1)
+    assert model(_x(chans=1)).shape == (2, 3)
+    rates = [blk.drop_path.drop_prob for blk in model.blocks if hasattr(blk.drop_path, 'drop_prob')]
+    assert rates and max(rates) == pytest.approx(0.1)
+
+
+def test_backward_reaches_every_trainable_parameter():
+    model = _model(num_classes=5).train()
+    model(_x()).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # the reference keeps the sinusoid table and the Performer features fixed
+    assert frozen == {'pos_embed', 'tokens_to_token.attention1.w', 'tokens_to_token.attention2.w'}
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_grads():
+    x = _x()
+    outs = []
+    for enable in (False, True):
+        model = _model().train()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(3)  # the Performer layers keep the reference's dropout 0.1 in training
+        y = model(x)
+        y.square().mean().backward()
+        outs.append((y.detach(), model.blocks[0].attn.qkv.weight.grad.clone(),
+                     model.tokens_to_token.attention1.kqv.weight.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+def test_forward_intermediates_give_strides_4_8_16():
+    model = _model('t2t_vit_7')
+    x = _x(224, batch=1)
+    final, feats = model.forward_intermediates(x)
+    assert [f.shape[-1] for f in feats] == [56, 28] + [14] * 7
+    assert feats[0].shape == (1, 64, 56, 56) and feats[-1].shape == (1, 256, 14, 14)
+    torch.testing.assert_close(model.forward_head(final), model(x))
+    only = model.forward_intermediates(x, indices=[0, 1, 8], intermediates_only=True)
+    assert [f.shape[-1] for f in only] == [56, 28, 14]
+    nlc = model.forward_intermediates(x, indices=1, output_fmt='NLC', intermediates_only=True)
+    assert nlc[0].shape == (1, 196, 256)
+
+
+def test_features_only_returns_nchw_maps_at_strides_4_8_16():
+    model = timm.create_model(SMALL, features_only=True).eval()
+    assert model.feature_info.reduction() == [1, 2, 4]  # the 32x32 geometry: strides (1, 2, 2)
+    feats = model(_x())
+    assert [tuple(f.shape) for f in feats] == [(2, 64, 32, 32), (2, 64, 16, 16), (2, 256, 8, 8)]
+    model = timm.create_model('t2t_vit_t_14', features_only=True, out_indices=(0, 1, 5))
+    assert model.feature_info.reduction() == [4, 8, 16]
+    assert model.feature_info.channels() == [64, 64, 384]
+    assert len(model.model.blocks) == 4  # pruned after the last block asked for
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_7_32'])
+@pytest.mark.parametrize('attn_impl', ['sdpa', 'naive'])
+def test_torchscript_and_fx_trace_give_the_same_outputs(name, attn_impl):
+    model = _model(name, attn_impl=attn_impl)
+    x = _x()
+    ref = model(x)
+    torch.testing.assert_close(torch.jit.script(model)(x), ref, atol=1e-5, rtol=1e-5)
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_t2t_scripts_too():
+    model = _model('t2t_vit_t_14', img_size=64)
+    x = _x(64, batch=1)
+    torch.testing.assert_close(torch.jit.script(model)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_other_image_sizes_and_untileable_size():
+    model = _model('t2t_vit_7', img_size=(160, 96))
+    assert model.grid_size == (10, 6)
+    assert model(torch.randn(1, 3, 160, 96)).shape == (1, 1000)
+    with pytest.raises(ValueError, match='multiple of 16'):
+        timm.create_model('t2t_vit_7', img_size=200)
+
+
+def test_dynamic_img_size_resizes_the_position_table():
+    model = _model('t2t_vit_7_32', dynamic_img_size=True)
+    assert model(_x(48)).shape == (2, 1000)
