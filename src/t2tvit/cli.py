@@ -38,6 +38,54 @@ def _add_models(sub):
     p.add_argument('--json', action='store_true', help='print the rows as JSON')
 
 
+# -- visualize ------------------------------------------------------------------------------------
+def _run_visualize(args) -> int:
+    from .analysis import visualize
+    if args.what == 'features':
+        pictures = [visualize.visualize_features(
+            args.image, args.model, checkpoint=args.checkpoint, layers=args.layers, channels=args.channels,
+            img_size=args.img_size, compare=args.compare, compare_checkpoint=args.compare_checkpoint,
+            out_dir=args.out)]
+    else:
+        pictures = visualize.visualize_attention(
+            args.image, args.model, checkpoint=args.checkpoint, blocks=args.blocks, img_size=args.img_size,
+            out_dir=args.out)
+    for picture in pictures:
+        print(picture.path)
+    return 0
+
+
+def _add_visualize(sub):
+    p = _command(sub, 'visualize', "pictures of a model's feature maps and attention (the paper's Fig. 2)",
+                 _run_visualize)
+    what = p.add_subparsers(dest='what', metavar='WHAT')
+    what.required = True
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('image', metavar='IMAGE', help='any image PIL reads (JPEG, PNG, ...)')
+    common.add_argument('--model', required=True, help='registered model name, e.g. t2t_vit_14')
+    common.add_argument('--checkpoint', metavar='PATH', help='weights to load (default: random weights)')
+    common.add_argument('--img-size', type=int, metavar='PX',
+                        help="render at this size instead of the model's (the paper uses 1024); "
+                             'the position table is resized')
+    common.add_argument('-o', '--out', default='runs/visualize', metavar='DIR', help='where the PNGs go')
+    f = what.add_parser('features', parents=[common], help='feature maps of T2T stages and blocks',
+                        description='Feature maps reshaped from tokens, channels min-max scaled; all-zero or '
+                                    "extreme channels outlined in red. Writes DIR/features.png.")
+    f.add_argument('--layers', nargs='+', metavar='LAYER',
+                   help='t2t1 t2t2 and blocks as blockN or N, counted from 1 as in the paper '
+                        '(default: the T2T stages, the first and the last block)')
+    f.add_argument('--channels', type=int, default=16, help='channels shown per layer (default 16)')
+    f.add_argument('--compare', choices=['resnet50'], help="add timm's resnet50 conv1 features")
+    f.add_argument('--compare-checkpoint', metavar='PATH',
+                   help='resnet50 weights for --compare (default: random, nothing is downloaded)')
+    a = what.add_parser('attention', parents=[common], help='class-token attention per head, and rollout',
+                        description='Class-token attention of each head of the chosen blocks and the rollout '
+                                    'through the whole backbone, over the image. Writes '
+                                    'DIR/attention_heads.png and DIR/attention_rollout.png.')
+    a.add_argument('--blocks', nargs='+', type=int, metavar='N',
+                   help='blocks counted from 1 (default: the last two)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='t2tvit', description='T2T-ViT: models, checkpoints, training and analysis.')
@@ -48,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS: List[Callable] = [_add_models]
+ADDERS: List[Callable] = [_add_models, _add_visualize]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
