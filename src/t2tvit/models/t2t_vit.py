@@ -73,6 +73,9 @@ class Block(nn.Module):
 class T2TViT(nn.Module):
     """T2T module + class token + fixed sinusoid position table + deep-narrow ViT backbone."""
 
+    # feature maps the stem gives before the blocks (the two T2T stages); ablations without T2T have none
+    num_stem_stages: int = 2
+
     def __init__(
             self,
             img_size: Union[int, Tuple[int, int]] = 224,
@@ -128,7 +131,8 @@ class T2TViT(nn.Module):
         self.pos_embed = nn.Parameter(sinusoid_table(num_patches + 1, embed_dim), requires_grad=False)
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        # CPU scalars, so that the model can also be built on the meta device (profiling)
+        dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         self.blocks = nn.ModuleList([
             block_fn(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                      drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
@@ -250,7 +254,7 @@ class T2TViT(nn.Module):
         ``norm=True`` applies the final norm to block outputs.
         """
         assert output_fmt in ('NCHW', 'NLC'), 'output_fmt must be NCHW or NLC'
-        num_stages = 2
+        num_stages = self.num_stem_stages
         take_indices, max_index = feature_take_indices(num_stages + len(self.blocks), indices)
         B = x.shape[0]
         x, stages, grid_h, grid_w = self._tokens(x)
@@ -281,8 +285,8 @@ class T2TViT(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        take_indices, max_index = feature_take_indices(2 + len(self.blocks), indices)
-        self.blocks = self.blocks[:max(0, max_index - 1)]
+        take_indices, max_index = feature_take_indices(self.num_stem_stages + len(self.blocks), indices)
+        self.blocks = self.blocks[:max(0, max_index - self.num_stem_stages + 1)]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -368,9 +372,10 @@ def _num_feature_stages(model_cls, kwargs) -> int:
     return 2 + int(kwargs.get('depth', 12))
 
 
-def create_t2t_vit(variant: str, pretrained: bool = False, model_cls=T2TViT, **kwargs) -> nn.Module:
-    """Build a registered variant: its table entry, overridden by ``kwargs``."""
-    model_args = {**MODEL_CONFIGS[variant], **kwargs}
+def create_t2t_vit(variant: str, pretrained: bool = False, model_cls=T2TViT,
+                   configs: Optional[Dict[str, Dict[str, Any]]] = None, **kwargs) -> nn.Module:
+    """Build a registered variant: its entry in ``configs`` (default ``MODEL_CONFIGS``), overridden by ``kwargs``."""
+    model_args = {**(MODEL_CONFIGS if configs is None else configs)[variant], **kwargs}
     out_indices = model_args.pop('out_indices', (0, 1, -1))
     return build_model_with_cfg(
         model_cls, variant, pretrained,
