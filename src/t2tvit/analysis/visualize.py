@@ -379,19 +379,23 @@ def _checked_input(image, model: nn.Module, img_size: int | None) -> tuple[torch
 
 
 # -- attention ------------------------------------------------------------------------------------
+def _attention_blocks(model: nn.Module) -> list[int]:
+    """Indices of the backbone blocks that attend (a dense backbone's transitions do not)."""
+    return [i for i, blk in enumerate(model.blocks)
+            if hasattr(getattr(blk, 'attn', None), 'attention_weights')]
+
+
 @contextmanager
 def recorded_attention_inputs(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
-    """Inside the block, every forward records each backbone block's attention input by block index."""
+    """Inside the block, every forward records each attending block's attention input by block index."""
     inputs: dict[int, torch.Tensor] = {}
     handles = []
-    for i, blk in enumerate(model.blocks):
-        if not hasattr(blk.attn, 'attention_weights'):
-            raise UserError(f'block {i + 1} of this model has no attention weights to show '
-                            f'({type(blk.attn).__name__})')
-
+    for i in _attention_blocks(model):
         def hook(_module, args, i=i):
             inputs[i] = args[0].detach()
-        handles.append(blk.attn.register_forward_pre_hook(hook))
+        handles.append(model.blocks[i].attn.register_forward_pre_hook(hook))
+    if not handles:
+        raise UserError('this model has no backbone attention weights to show')
     try:
         yield inputs
     finally:
@@ -428,21 +432,26 @@ def block_attention(model: nn.Module, x: torch.Tensor, blocks: Sequence[int]):
     Returns ``({block: (heads, gh, gw)}, rollout (gh, gw), (gh, gw))`` for the first image.
     """
     depth = len(model.blocks)
+    attending = _attention_blocks(model)
     for b in blocks:
         if not 1 <= b <= depth:
             raise UserError(f'--blocks {b} is out of range: this model has blocks 1..{depth}')
+        if b - 1 not in attending:
+            raise UserError(f'block {b} has no attention ({type(model.blocks[b - 1]).__name__}); '
+                            f'choose from {", ".join(str(i + 1) for i in attending)}')
     with recorded_attention_inputs(model) as inputs:
         model.forward_features(x[:1])
     prefix = getattr(model, 'num_prefix_tokens', 1)
-    n = inputs[0].shape[1] - prefix
+    n = inputs[attending[0]].shape[1] - prefix
     stride = model.feature_info[-1]['reduction']
     gh, gw = x.shape[-2] // stride, x.shape[-1] // stride
     if gh * gw != n:
         gh = gw = math.isqrt(n)
     heads = {}
     row = None
-    # one (N, N) matrix at a time, last block first, so a 1024 render fits in memory
-    for i in reversed(range(depth)):
+    # one (N, N) matrix at a time, last block first, so a 1024 render fits in memory; blocks
+    # without attention (transitions) act on each token alone: identity for the rollout
+    for i in reversed(attending):
         a = model.blocks[i].attn.attention_weights(inputs[i]).float()
         if i + 1 in blocks:
             heads[i + 1] = a[0, :, 0, prefix:].reshape(-1, gh, gw)
@@ -467,6 +476,8 @@ def _t2t_note(model: nn.Module) -> str:
         return 'T2T stages have no class token; only the backbone\'s class-token attention is shown'
     if mixer == 'convolution':
         return 'T2T stages are convolutions (T2T-ViT-c): no attention there'
+    if hasattr(model, 'patch_embed'):
+        return 'no T2T module: tokens come from a patch embedding'
     return ''
 
 
@@ -535,9 +546,145 @@ def visualize_attention(
     """``t2tvit visualize attention``: writes ``attention_heads.png`` and ``attention_rollout.png``."""
     model = model if model is not None else build_model(model_name, checkpoint)
     x, cfg = _checked_input(load_image(image), model, img_size)
-    depth = len(model.blocks)
-    blocks = list(dict.fromkeys(blocks)) if blocks else sorted({max(1, depth - 1), depth})
+    attending = [i + 1 for i in _attention_blocks(model)]
+    blocks = list(dict.fromkeys(blocks)) if blocks else attending[-2:]
     heads, rollout, _ = block_attention(model, x, blocks)
     weights = Path(checkpoint).name if checkpoint else 'random weights'
     title = f'{model_name} ({weights}) on {Path(image).name}, input {x.shape[-2]}x{x.shape[-1]}'
     return render_attention(_denormalised(x, cfg), heads, rollout, out_dir, title, _t2t_note(model))
+
+
+# -- the model zoo, like the paper's Fig. 1 -------------------------------------------------------
+REPORT_SIZE_IN = (13.0, 5.6)
+_FAMILIES = (
+    # (label, name pattern, marker, colour, joined by a line)
+    ('T2T-ViT (Performer T2T)', r'^t2t_vit_\d+$', 'o', 'tab:red', True),
+    ('T2T-ViT-t (Transformer T2T)', r'^t2t_vit_t_\d+$', 's', 'tab:orange', True),
+    ('ViT baselines', r'^vit_', '^', 'tab:blue', False),
+    ('ablations (Tables 6, 7)', r'', 'D', 'tab:gray', False),
+)
+
+
+def paper_label(name: str) -> str:
+    """``t2t_vit_t_14`` -> ``T2T-ViT-t-14``, ``vit_s_16`` -> ``ViT-S/16``: the paper's spelling."""
+    import re
+    m = re.fullmatch(r'vit_([a-z]+)_(\d+)', name)
+    if m:
+        return f'ViT-{m.group(1).upper()}/{m.group(2)}'
+    if name.startswith('vit_'):
+        return 'ViT-' + name[4:].upper()
+    if name.startswith('t2t_vit'):
+        return 'T2T-ViT' + name[len('t2t_vit'):].replace('_', '-')
+    return name
+
+
+def _family(name: str) -> int:
+    import re
+    for i, (_, pattern, *_rest) in enumerate(_FAMILIES):
+        if pattern and re.search(pattern, name):
+            return i
+    return len(_FAMILIES) - 1
+
+
+def _tick_in_range(rows: Sequence[dict], key: str, scale: float, tick: float) -> bool:
+    """Whether ``tick`` lies within the drawn range (with some margin either side)."""
+    values = [r[key] / scale for r in rows]
+    return bool(values) and min(values) / 1.5 <= tick <= max(values) * 1.5
+
+
+def _place_labels(ax, labels: dict[tuple[float, float], str], renderer) -> None:
+    """Annotate each point at the nearby offset whose text overlaps the fewest placed labels and markers.
+
+    A label moved off its usual place (up and to the right) gets a leader line to its point.
+    """
+    from matplotlib.transforms import Bbox
+    taken = [ax.get_legend().get_window_extent(renderer)] if ax.get_legend() else []
+    r = 4 * ax.figure.dpi / 72  # a marker's half size in pixels
+    for px, py in ax.transData.transform(list(labels)):
+        taken.append(Bbox([[px - r, py - r], [px + r, py + r]]))
+    inside = ax.get_window_extent(renderer)
+    offsets = [(5, 3), (-5, 3), (5, -11), (-5, -11)]
+    offsets += [(sx * dx, sy * dy) for dy in (14, 26, 38) for dx in (10, 30) for sy in (1, -1) for sx in (1, -1)]
+    for (x, y), text in sorted(labels.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        best = None
+        for rank, (dx, dy) in enumerate(offsets):
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords='offset points', fontsize=8,
+                              ha='left' if dx > 0 else 'right')
+            box = ann.get_window_extent(renderer)
+            ann.remove()
+            outside = not (inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1)
+            cost = (10 * outside + sum(box.overlaps(t) for t in taken), rank)
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, box)
+            if cost[0] == 0:
+                break
+        _, dx, dy, box = best
+        leader = None if (dx, dy) == offsets[0] else {'arrowstyle': '-', 'color': '0.45', 'lw': 0.6, 'shrinkA': 0,
+                                                            'shrinkB': 3}
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords='offset points', fontsize=8,
+                    ha='left' if dx > 0 else 'right', arrowprops=leader)
+        taken.append(box)
+
+
+def render_report(rows: Sequence[dict], path) -> Picture:
+    """Published top-1 against counted MACs and params of every model with a paper top-1 at 224.
+
+    ``rows`` are :func:`t2tvit.analysis.report.model_rows` rows (with counts). The picture's
+    ``invalid`` field is unused; ``boxes`` is empty; the models drawn are in ``Picture.models``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drawn = [r for r in rows if r.get('paper_top1') is not None and r.get('img_size') == 224]
+    fig = _new_figure(*REPORT_SIZE_IN)
+    fig.suptitle('ImageNet top-1 as published against the MACs and parameters of this implementation '
+                 '(224x224, batch 1), like the paper\'s Fig. 1', fontsize=12)
+    axes = fig.subplots(1, 2)
+    for ax, key, scale, xlabel in [(axes[0], 'macs', 1e9, 'MACs (G), counted by t2tvit profile'),
+                                   (axes[1], 'params', 1e6, 'parameters (M), counted')]:
+        for fi, (label, _, marker, colour, joined) in enumerate(_FAMILIES):
+            family = sorted((r for r in drawn if _family(r['model']) == fi), key=lambda r: r[key])
+            if not family:
+                continue
+            xs = [r[key] / scale for r in family]
+            ys = [r['paper_top1'] for r in family]
+            ax.plot(xs, ys, linestyle='-' if joined else 'none', marker=marker, color=colour, label=label,
+                    markersize=7, linewidth=1.5)
+        ax.set_xscale('log')
+        ticks = [t for t in (0.5, 1, 2, 4, 8, 16, 32, 64, 128) if _tick_in_range(drawn, key, scale, t)]
+        ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel(xlabel, fontsize=10)
+        ax.set_ylabel('ImageNet top-1 (%), as published', fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=9, loc='upper left')
+    # labels go where they overlap nothing already drawn: the layout is settled first, then frozen
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig).draw()
+    fig.set_layout_engine('none')
+    renderer = fig.canvas.get_renderer()
+    for ax, key, scale in [(axes[0], 'macs', 1e9), (axes[1], 'params', 1e6)]:
+        points: dict[tuple[float, float], list[str]] = {}
+        for r in drawn:
+            points.setdefault((round(r[key] / scale, 2), r['paper_top1']), []).append(paper_label(r['model']))
+        _place_labels(ax, {xy: ' / '.join(sorted(names)) for xy, names in points.items()}, renderer)
+    fig.savefig(path, dpi=DPI)
+    picture = Picture(path, _size_px(fig))
+    picture.models = [r['model'] for r in drawn]
+    return picture
+
+
+def write_report(rows: Sequence[dict], table: str, out_dir, markdown: bool = True, png: bool = True) -> list[Path]:
+    """``t2tvit report``: ``report.md`` (the model table) and ``report.png`` (top-1 against MACs/params)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if png:
+        written.append(render_report(rows, out_dir / 'report.png').path)
+    if markdown:
+        path = out_dir / 'report.md'
+        figure = '\n\n![top-1 against MACs and params](report.png)\n' if png else '\n'
+        path.write_text('# T2T-ViT models\n\nParams and MACs counted by `t2tvit profile` at each model\'s '
+                        'input size (224 unless given), batch 1; top-1, params and MACs of the paper as '
+                        f'published (ImageNet val, 224).\n\n{table}\n{figure}')
+        written.insert(0, path)
+    return written
