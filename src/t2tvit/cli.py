@@ -22,8 +22,11 @@ def _command(sub, name: str, help: str, run: Callable[[argparse.Namespace], Opti
 
 # -- models ---------------------------------------------------------------------------------------
 def _run_models(args) -> int:
-    from .analysis.report import model_rows
-    rows = model_rows(pattern=args.pattern)
+    from .analysis.report import markdown_table, model_rows
+    rows = model_rows(pattern=args.pattern, counts=args.json or args.markdown)
+    if args.markdown:
+        print(markdown_table(rows))
+        return 0
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -35,7 +38,9 @@ def _run_models(args) -> int:
 def _add_models(sub):
     p = _command(sub, 'models', 'list the registered models', _run_models)
     p.add_argument('pattern', nargs='?', default='', help="fnmatch filter, e.g. 't2t_vit_t_*'")
-    p.add_argument('--json', action='store_true', help='print the rows as JSON')
+    p.add_argument('--json', action='store_true', help='print the rows as JSON, with params and MACs')
+    p.add_argument('--markdown', action='store_true',
+                   help="print the README's model table: structure, params, MACs and the paper's numbers")
 
 
 # -- visualize ------------------------------------------------------------------------------------
@@ -86,6 +91,29 @@ def _add_visualize(sub):
                    help='blocks counted from 1 (default: the last two)')
 
 
+# -- profile --------------------------------------------------------------------------------------
+def _run_profile(args) -> int:
+    from .analysis.profile import format_profile, profile
+    from .factory import UnknownModelError
+    try:
+        result = profile(args.model, img_size=args.img_size)
+    except UnknownModelError as e:
+        raise UserError(str(e)) from None
+    except ValueError as e:  # an image size the model's geometry cannot tile
+        raise UserError(f'--img-size {args.img_size}: {e}') from None
+    print(json.dumps(result.as_json()) if args.json else format_profile(result))
+    return 0
+
+
+def _add_profile(sub):
+    p = _command(sub, 'profile', "count a model's parameters and MACs (batch 1), beside the paper's numbers",
+                 _run_profile)
+    p.add_argument('--model', required=True, help='registered model name, e.g. t2t_vit_14')
+    p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's, 224)")
+    p.add_argument('--json', action='store_true',
+                   help='print {"model", "img_size", "params", "macs"} (MACs as an integer count)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='t2tvit', description='T2T-ViT: models, checkpoints, training and analysis.')
@@ -96,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS: List[Callable] = [_add_models, _add_visualize]
+ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
