@@ -14,7 +14,10 @@ COLUMNS = ('model', 'T2T', 'depth', 'width', 'params (M)', 'MACs (G)',
 def describe(model: nn.Module) -> dict[str, Any]:
     """How the model makes tokens and the size of its backbone."""
     stem = getattr(model, 'tokens_to_token', None)
-    t2t = stem.token_mixer if stem is not None else 'none (16x16 patches)'
+    if stem is not None:
+        t2t = stem.token_mixer
+    else:
+        t2t = f'none ({model.patch_size}x{model.patch_size} patches)'
     depth = sum(isinstance(blk, Block) for blk in model.blocks)
     width = model.embed_dim if model.embed_dim == model.num_features else f'{model.embed_dim}-{model.num_features}'
     return {'t2t': t2t, 'depth': depth, 'width': width}
