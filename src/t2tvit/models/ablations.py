@@ -1,4 +1,4 @@
-"""Ablations and baselines of the T2T-ViT paper (Tables 6 and 7), registered in timm.
+"""Ablations and baselines of the T2T-ViT paper (Tables 2, 6 and 7), registered in timm.
 
 Paper: "Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet",
 Yuan et al., ICCV 2021 (arXiv:2101.11986), Sec. 4.2-4.3.
@@ -48,11 +48,11 @@ qkv bias, LayerNorm with torch's default eps 1e-5). Their key names are timm's V
   chosen here:
 
   * ``vit_dn``: MLP ratio 3 (hidden 1152), as in ViT-S/16 and T2T-ViT-14 of the same width: 24.4M
-    parameters against the paper's 24.5M (ratio 4 would give 28.3M). 6 heads of 64, like
+    parameters against the paper's 24.5M (ratio 4 would give 29.1M). 6 heads of 64, like
     T2T-ViT-14.
   * ``vit_sw``: MLP ratio 3.5 (hidden 3584), the ratio that reproduces the published size: 48.2M
     parameters and 9.56G MACs against 47.9M and 9.9G. Ratio 3 (hidden 3072, the ViT-S/16 ratio)
-    would give 43.9M / 8.74G and ratio 4 (hidden 4096, ViT-L) 52.3M / 10.39G. 16 heads of 64, like
+    would give 44.0M / 8.74G and ratio 4 (hidden 4096, ViT-L) 52.4M / 10.39G. 16 heads of 64, like
     ViT-L/16 of the same width.
   * both use the default attention scale ``head_dim ** -0.5``: there are no weights to match.
 
