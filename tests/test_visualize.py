@@ -227,3 +227,53 @@ def test_load_image_raises_user_error_on_truncated_file(image_path, tmp_path):
     path.write_bytes(image_path.read_bytes()[:200])
     with pytest.raises(UserError, match='cannot be read as an image'):
         viz.load_image(path)
+
+
+def test_a_transition_block_has_no_attention_and_rollout_skips_it():
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_dense', img_size=32, t2t_kernel_sizes=(3, 3, 3), t2t_strides=(1, 2, 2),
+                                t2t_paddings=(1, 1, 1), block_config=(1, 1), growth_rate=16, embed_dim=32,
+                                num_heads=2).eval()
+    assert [type(b).__name__ for b in model.blocks] == ['DenseBlock', 'Transition', 'DenseBlock']
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(UserError, match='block 2 has no attention'):
+        viz.block_attention(model, x, [2])
+    heads, rollout, _ = viz.block_attention(model, x, [1, 3])
+    assert list(heads) == [1, 3] and rollout.shape == (8, 8)
+
+
+# -- report ---------------------------------------------------------------------------------------
+def _row(name, macs_g, params_m, top1, img_size=224):
+    return {'model': name, 't2t': 'performer', 'depth': 7, 'width': 256, 'img_size': img_size,
+            'params': params_m * 1e6, 'macs': macs_g * 1e9, 'paper_top1': top1, 'paper_params_m': params_m,
+            'paper_macs_g': macs_g}
+
+
+def test_report_plot_draws_the_paper_models_only(tmp_path):
+    rows = [_row('t2t_vit_7', 1.1, 4.3, 71.7), _row('t2t_vit_14', 4.8, 21.5, 81.5),
+            _row('t2t_vit_t_14', 6.1, 21.5, 81.7), _row('vit_s_16', 10.1, 48.6, 78.1),
+            _row('t2t_vit_c_14', 4.6, 21.3, 80.8), _row('t2t_vit_14_resnext', 4.8, 21.5, 81.5),
+            _row('t2t_vit_7_32', 0.3, 4.3, None, img_size=32), _row('my_model', 1.0, 1.0, None)]
+    pic = viz.render_report(rows, tmp_path / 'r.png')
+    assert pic.models == ['t2t_vit_7', 't2t_vit_14', 't2t_vit_t_14', 'vit_s_16', 't2t_vit_c_14',
+                          't2t_vit_14_resnext']
+    with Image.open(pic.path) as im:
+        assert im.size == pic.size == (1300, 560)
+    assert [viz.paper_label(n) for n in ('t2t_vit_t_14', 'vit_s_16', 't2t_vit_14_wo_t2t')] == \
+        ['T2T-ViT-t-14', 'ViT-S/16', 'T2T-ViT-14-wo-t2t']
+
+
+def test_report_cli_writes_the_table_and_the_plot(tmp_path, capsys, monkeypatch):
+    from t2tvit.analysis import report
+    real = report.model_rows
+    monkeypatch.setattr(report, 'model_rows', lambda: real('t2t_vit_1[02]') + real('t2t_vit_7*'))
+    assert main(['report', '-o', str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [str(tmp_path / 'report.md'), str(tmp_path / 'report.png')]
+    md = (tmp_path / 'report.md').read_text()
+    assert '| `t2t_vit_12` | performer | 12 | 256 | 6.94 | 1.76 | 76.5 | 6.9 | 1.8 |' in md
+    assert '`t2t_vit_7_32` (32px)' in md and '(report.png)' in md
+    with Image.open(tmp_path / 'report.png') as im:
+        assert im.size == (1300, 560)
+    assert main(['report', '--markdown', '-o', str(tmp_path / 'md')]) == 0
+    assert sorted(p.name for p in (tmp_path / 'md').iterdir()) == ['report.md']

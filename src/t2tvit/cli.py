@@ -114,6 +114,28 @@ def _add_profile(sub):
                    help='print {"model", "img_size", "params", "macs"} (MACs as an integer count)')
 
 
+# -- report ---------------------------------------------------------------------------------------
+def _run_report(args) -> int:
+    from .analysis.report import markdown_table, model_rows
+    from .analysis.visualize import write_report
+    rows = model_rows()
+    table = markdown_table(rows)
+    print(table)
+    both = not (args.markdown or args.png)
+    for path in write_report(rows, table, args.out, markdown=args.markdown or both, png=args.png or both):
+        print(path)
+    return 0
+
+
+def _add_report(sub):
+    p = _command(sub, 'report', "every registered model's structure, params and MACs beside the paper's "
+                 "numbers; top-1 against MACs and params like the paper's Fig. 1", _run_report)
+    p.add_argument('--markdown', action='store_true', help='write DIR/report.md (the table)')
+    p.add_argument('--png', action='store_true', help='write DIR/report.png (the plot)')
+    p.add_argument('-o', '--out', default='runs/report', metavar='DIR',
+                   help='where the files go (default runs/report); without --markdown/--png both are written')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='t2tvit', description='T2T-ViT: models, checkpoints, training and analysis.')
@@ -124,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile]
+ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
