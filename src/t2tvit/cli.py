@@ -136,6 +136,29 @@ def _add_report(sub):
                    help='where the files go (default runs/report); without --markdown/--png both are written')
 
 
+# -- convert --------------------------------------------------------------------------------------
+def _run_convert(args) -> int:
+    from .checkpoint import convert_checkpoint
+    done = convert_checkpoint(args.input, args.output, to=args.to, model_name=args.model, use_ema=not args.no_ema)
+    layout = 'reference .pth.tar' if args.to == 'reference' else 't2tvit safetensors'
+    print(f"{done['path']}: {layout}, {done['model']} ({done['weights']}, "
+          f"{done['model_kwargs'].get('num_classes', 1000)} classes), from a {done['layout']} checkpoint")
+    return 0
+
+
+def _add_convert(sub):
+    p = _command(sub, 'convert', 'rewrite a checkpoint (any layout t2tvit reads) for the reference code or as '
+                 "t2tvit's safetensors file", _run_convert)
+    p.add_argument('input', metavar='IN', help='reference .pth.tar, CIFAR transfer file, state dict, PASSL '
+                   '.pdparams, t2tvit .safetensors or a training checkpoint')
+    p.add_argument('output', metavar='OUT', help='the file to write')
+    p.add_argument('--to', required=True, choices=['reference', 't2tvit'],
+                   help='reference: a .pth.tar with state_dict (+ state_dict_ema) the reference code loads; '
+                        't2tvit: safetensors with the model config in its metadata')
+    p.add_argument('--model', help='registered model name (needed when IN does not name its model)')
+    p.add_argument('--no-ema', action='store_true', help='--to t2tvit: write the raw weights, not the EMA')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='t2tvit', description='T2T-ViT: models, checkpoints, training and analysis.')
@@ -146,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report]
+ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_convert]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
