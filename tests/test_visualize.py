@@ -277,3 +277,17 @@ def test_report_cli_writes_the_table_and_the_plot(tmp_path, capsys, monkeypatch)
         assert im.size == (1300, 560)
     assert main(['report', '--markdown', '-o', str(tmp_path / 'md')]) == 0
     assert sorted(p.name for p in (tmp_path / 'md').iterdir()) == ['report.md']
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def test_the_checkpoints_weights_are_pictured(image_path, tmp_path, capsys):
+    model = _model(num_classes=10)
+    _plant_zero_stage1_channel(model, 5)
+    path = tmp_path / 'digits.pth'
+    torch.save(model.state_dict(), path)
+    pic = viz.visualize_features(str(image_path), SMALL, checkpoint=str(path), layers=['t2t1'], out_dir=tmp_path)
+    assert pic.invalid == {'T2T stage 1': [5]}  # random weights would outline nothing
+    rc = main(['visualize', 'attention', str(image_path), '--model', 't2t_vit_7', '--checkpoint', str(path),
+               '-o', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count('\n') == 1
