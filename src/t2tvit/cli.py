@@ -159,6 +159,66 @@ def _add_convert(sub):
     p.add_argument('--no-ema', action='store_true', help='--to t2tvit: write the raw weights, not the EMA')
 
 
+# -- benchmark ------------------------------------------------------------------------------------
+def _run_benchmark(args) -> int:
+    from .analysis.benchmark import BenchmarkConfig, format_result, run_benchmark
+    cfg = BenchmarkConfig(model=args.model, mode=args.mode, batch=args.batch_size, img_size=args.img_size,
+                          dtype=args.dtype, attn=args.attn, compile=args.compile, device=args.device,
+                          steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing)
+    try:
+        result = run_benchmark(cfg, memory=not args.no_memory)
+    except ValueError as e:  # an image size the model's geometry cannot tile
+        raise UserError(f'--img-size {args.img_size}: {e}') from None
+    print(json.dumps(result.to_json()) if args.json else format_result(result))
+    return 0
+
+
+def _add_benchmark(sub):
+    p = _command(sub, 'benchmark', 'time training or inference steps: img/s, ms/step, peak memory of a step, '
+                 'GFLOP/s against the matmul peak of this device', _run_benchmark)
+    p.add_argument('--model', required=True, help='registered model name, e.g. t2t_vit_14')
+    p.add_argument('--mode', default='infer', choices=['infer', 'train'],
+                   help='infer: forward under inference_mode; train: forward, backward and AdamW step')
+    p.add_argument('-b', '--batch-size', type=int, default=32, metavar='B')
+    p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
+    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16'],
+                   help='bf16/fp16 run under autocast with float32 weights')
+    p.add_argument('--attn', default='sdpa', choices=['sdpa', 'naive'],
+                   help='naive: the reference explicit softmax(q k^T) v')
+    p.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True); prints the compile time')
+    p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    p.add_argument('--steps', type=int, default=5, metavar='N', help='timed steps (the median is reported)')
+    p.add_argument('--warmup', type=int, default=2, metavar='N', help='untimed steps first (default 2)')
+    p.add_argument('--grad-checkpointing', action='store_true',
+                   help='recompute T2T layers and blocks in the backward pass (train mode)')
+    p.add_argument('--no-memory', action='store_true',
+                   help='skip the peak-memory measurement (on CPU a second process; peak_mem_mb is null)')
+    p.add_argument('--json', action='store_true', help='print one JSON object: ' + ', '.join(
+        ['model', 'mode', 'batch', 'img_size', 'dtype', 'attn', 'compile', 'device', 'img_per_s', 'ms_per_step',
+         'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops']))
+
+
+# -- export ---------------------------------------------------------------------------------------
+def _run_export(args) -> int:
+    from .export import export_cli
+    return export_cli(model=args.model, checkpoint=args.checkpoint, fmt=args.format, out=args.output,
+                      img_size=args.img_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
+                      verify=not args.no_verify)
+
+
+def _add_export(sub):
+    p = _command(sub, 'export', 'write a model for deployment: ONNX, TorchScript or a torch.export program, '
+                 'checked against PyTorch on a random batch', _run_export)
+    p.add_argument('--model', help='registered model name (optional with a t2tvit checkpoint)')
+    p.add_argument('--checkpoint', metavar='PATH', help='weights to export (any layout `t2tvit validate` reads)')
+    p.add_argument('--format', default='onnx', choices=['onnx', 'torchscript', 'exported'])
+    p.add_argument('-o', '--output', metavar='OUT', help='file to write (default: MODEL.onnx, .pt or .pt2)')
+    p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
+    p.add_argument('--dynamic-batch', action='store_true', help='any batch size at run time (default: batch 1)')
+    p.add_argument('--opset', type=int, default=18, help='ONNX opset (17 or newer; default 18)')
+    p.add_argument('--no-verify', action='store_true', help='skip running the exported file against PyTorch')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='t2tvit', description='T2T-ViT: models, checkpoints, training and analysis.')
@@ -169,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_convert]
+ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_convert,
+                          _add_benchmark, _add_export]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

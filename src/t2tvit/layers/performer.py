@@ -8,15 +8,60 @@ Reference semantics kept for parity with the released weights:
 - the skip connection through ``v`` (input and output widths differ), dropout 0.1 after
   the projection and at the end of the MLP (``dp1``/``dp2``).
 
-The random features are always computed in float32, even under bf16/fp16 autocast:
-``exp`` of a low-precision argument overflows or loses the kernel's positivity.
+The random features and the linear attention built from them are always computed in
+float32, even under bf16/fp16 autocast: ``exp`` of a low-precision argument overflows or
+loses the kernel's positivity, and the normaliser sums thousands of such terms.
+:func:`performer_attention` switches autocast off locally; it is a leaf for
+``torch.fx`` and traces as one region for ``torch.compile(fullgraph=True)``.
 """
 import math
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from .attention import check_attn_impl
+
+
+def _random_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, T, emb) -> (B, T, m): ``exp(w x - |x|^2 / 2) / sqrt(m)`` in the dtype of ``x``."""
+    xd = (x * x).sum(dim=-1, keepdim=True) / 2
+    return torch.exp(torch.matmul(x, w.t()) - xd) / math.sqrt(w.shape[0])
+
+
+def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                      epsilon: float, naive: bool) -> torch.Tensor:
+    kp, qp = _random_features(k, w), _random_features(q, w)
+    if naive:
+        # the reference einsum/repeat formulation
+        D = torch.einsum('bti,bi->bt', qp, kp.sum(dim=1)).unsqueeze(dim=2)
+        kptv = torch.einsum('bin,bim->bnm', v, kp)
+        return torch.einsum('bti,bni->btn', qp, kptv) / (D.repeat(1, 1, v.shape[-1]) + epsilon)
+    D = torch.matmul(qp, kp.sum(dim=1).unsqueeze(-1))  # (B, T, 1)
+    kptv = torch.matmul(kp.transpose(1, 2), v)  # (B, m, emb)
+    return torch.matmul(qp, kptv) / (D + epsilon)
+
+
+def performer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                        epsilon: float = 1e-8, naive: bool = False) -> torch.Tensor:
+    """phi(q) (phi(k)^T v) / (phi(q) phi(k)^T 1 + epsilon) over (B, T, emb) inputs, as float32."""
+    if torch.jit.is_scripting():
+        # TorchScript can neither switch autocast off nor safely ask whether it is on (scripted
+        # torch.is_autocast_cpu_enabled() segfaults under autocast in torch 2.14); a float32 product
+        # that comes back in low precision says it is on, and autocast leaves float64 alone
+        w32 = w[:1].float()
+        if torch.matmul(w32, w32.t()).dtype != torch.float32:
+            return _linear_attention(q.double(), k.double(), v.double(), w.double(), epsilon, naive).float()
+        return _linear_attention(q.float(), k.float(), v.float(), w.float(), epsilon, naive)
+    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            return _linear_attention(q.float(), k.float(), v.float(), w.float(), epsilon, naive)
+    # no context manager without autocast, so exported graphs (ONNX, torch.export) stay plain
+    return _linear_attention(q.float(), k.float(), v.float(), w.float(), epsilon, naive)
+
+
+# fx keeps the call as one node, so autocast is switched off when the traced graph runs
+torch.fx.wrap('performer_attention')
 
 
 class TokenPerformer(nn.Module):
@@ -50,27 +95,12 @@ class TokenPerformer(nn.Module):
 
     def random_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, emb) -> (B, T, m) positive random features, float32."""
-        x = x.float()
-        w = self.w.float()
-        xd = (x * x).sum(dim=-1, keepdim=True) / 2
-        wtx = torch.matmul(x, w.t())
-        return torch.exp(wtx - xd) / math.sqrt(self.m)
+        return _random_features(x.float(), self.w.float())
 
     def linear_attention(self, x: torch.Tensor) -> torch.Tensor:
         k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
-        kp, qp = self.random_features(k), self.random_features(q)
-        vf = v.float()
-        if self.attn_impl == 'naive':
-            # the reference einsum/repeat formulation
-            D = torch.einsum('bti,bi->bt', qp, kp.sum(dim=1)).unsqueeze(dim=2)
-            kptv = torch.einsum('bin,bim->bnm', vf, kp)
-            y = torch.einsum('bti,bni->btn', qp, kptv) / (D.repeat(1, 1, self.emb) + self.epsilon)
-        else:
-            D = torch.matmul(qp, kp.sum(dim=1).unsqueeze(-1))  # (B, T, 1)
-            kptv = torch.matmul(kp.transpose(1, 2), vf)  # (B, m, emb)
-            y = torch.matmul(qp, kptv) / (D + self.epsilon)
-        y = y.to(v.dtype)
-        return v + self.dp(self.proj(y))
+        y = performer_attention(q, k, v, self.w, self.epsilon, self.attn_impl == 'naive')
+        return v + self.dp(self.proj(y.to(v.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear_attention(self.norm1(x))

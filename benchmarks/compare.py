@@ -1,0 +1,350 @@
+"""t2tvit's fast paths against the reference math, measured side by side: a markdown table of ratios.
+
+Each comparison builds its two settings in one process and times them step by step in turn
+(A, B, A, B, ...), so that drift and other load on a shared machine land on both; a speed
+ratio is the median over rounds of the two step times' ratio. Peak memory comes from a fresh
+process per setting on CPU (growth of the peak RSS over one step), from
+``torch.cuda.max_memory_allocated`` on a GPU. See ``t2tvit.analysis.benchmark``.
+
+    python benchmarks/compare.py                       # the CPU table: about 10 minutes on 2 cores
+    python benchmarks/compare.py --quick               # batch 2, 2 steps: a smoke run of every row
+    python benchmarks/compare.py --steps 8 --full      # steadier medians, training compile, 384 speed
+    python benchmarks/compare.py --device cuda         # the GPU table (batch 128, bf16)
+    python benchmarks/compare.py --only attn_infer,bf16 -o benchmarks/RESULTS.md
+
+The bf16 agreement uses the weights of the reference-layout fixtures (``../shared/fixtures``,
+deterministic stand-ins for the released checkpoints) when they are there, or a trained
+checkpoint given with ``--checkpoint``; random initialisation otherwise.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'src'))
+
+import t2tvit
+from t2tvit.analysis.benchmark import (
+    BenchmarkConfig,
+    BenchmarkResult,
+    run_onnxruntime_pair,
+    run_pair,
+    speedup,
+    top1_agreement,
+)
+
+FIXTURES = ROOT.parent / 'shared' / 'fixtures'
+
+
+@dataclass
+class Row:
+    comparison: str
+    measure: str
+    a: str
+    b: str
+    ratio: str
+    target: str = ''
+    met: str = ''
+
+
+@dataclass
+class Options:
+    device: str
+    steps: int
+    warmup: int
+    batch_scale: float
+    full: bool
+    images: int
+    checkpoint: str | None
+
+
+def _batch(opts: Options, batch: int) -> int:
+    return max(1, round(batch * opts.batch_scale))
+
+
+def _met(value: float, target: float, higher: bool) -> str:
+    return 'yes' if (value >= target if higher else value <= target) else 'no'
+
+
+def _img_s(r: BenchmarkResult) -> str:
+    return f'{r.img_per_s:.2f} img/s'
+
+
+def _mem(r: BenchmarkResult) -> str:
+    return f'{r.peak_mem_mb:.0f} MB'
+
+
+def _setting(cfg: BenchmarkConfig, size: int) -> str:
+    return f'{cfg.model} {cfg.mode} {size}px b{cfg.batch} {cfg.dtype}'
+
+
+def _pair_rows(name: str, a: BenchmarkConfig, b: BenchmarkConfig, la: str, lb: str, speed_target: float | None,
+               mem_target: float | None, memory: bool = True, speed_note: str = '',
+               loss_rows: bool = False) -> tuple[list[Row], BenchmarkResult, BenchmarkResult]:
+    ra, rb = run_pair(a, b, memory=memory)
+    what = f'{name}: {_setting(a, ra.img_size)}'
+    ratio = speedup(ra, rb)
+    rows = [Row(what, 'img/s', f'{la} {_img_s(ra)}', f'{lb} {_img_s(rb)}', f'{ratio:.2f}x faster',
+                f'>= {speed_target}x' if speed_target else speed_note,
+                _met(ratio, speed_target, True) if speed_target else '')]
+    if memory:
+        mem = ra.peak_mem_mb / rb.peak_mem_mb
+        rows.append(Row(what, 'peak memory of a step', f'{la} {_mem(ra)}', f'{lb} {_mem(rb)}', f'{mem:.2f}x',
+                        f'<= {mem_target}x' if mem_target else '', _met(mem, mem_target, False) if mem_target else ''))
+    for r, label in ((ra, la), (rb, lb)) if loss_rows else ():
+        if 'last_loss' in r.extra:
+            loss = r.extra['last_loss']
+            rows.append(Row(what, 'training loss finite', f'{label} loss {loss:.3f}', '', '', 'finite',
+                            'yes' if torch.isfinite(torch.tensor(loss)) else 'no'))
+    return rows, ra, rb
+
+
+def _base(opts: Options, model: str, mode: str, batch: int, **kw) -> BenchmarkConfig:
+    return BenchmarkConfig(model=model, mode=mode, batch=_batch(opts, batch), device=opts.device, steps=opts.steps,
+                           warmup=opts.warmup, **kw)
+
+
+# -- CPU sections -------------------------------------------------------------------------------
+def attn_train(opts: Options) -> list[Row]:
+    a = _base(opts, 't2t_vit_t_14', 'train', 16)
+    return _pair_rows('sdpa vs naive attention', a, replace(a, attn='naive'), 'sdpa', 'naive', 1.5, 0.4)[0]
+
+
+def attn_train_384(opts: Options) -> list[Row]:
+    a = _base(opts, 't2t_vit_t_14', 'train', 8, img_size=384)
+    if not opts.full:  # memory is the target here; two steps of each still give a speed figure
+        a = replace(a, steps=min(a.steps, 2), warmup=min(a.warmup, 1))
+    return _pair_rows('sdpa vs naive attention', a, replace(a, attn='naive'), 'sdpa', 'naive', None, 0.25)[0]
+
+
+def attn_infer(opts: Options) -> list[Row]:
+    a = _base(opts, 't2t_vit_t_14', 'infer', 32)
+    return _pair_rows('sdpa vs naive attention', a, replace(a, attn='naive'), 'sdpa', 'naive', 1.8, None)[0]
+
+
+def bf16(opts: Options) -> list[Row]:
+    low = 'bf16'
+    a = _base(opts, 't2t_vit_14', 'infer', 32, dtype=low)
+    rows, ra, rb = _pair_rows(f'{low} autocast vs fp32', a, replace(a, dtype='fp32'), low, 'fp32', 1.6, None)
+    for r in (rb, ra):
+        frac = r.gflops_per_s / r.matmul_peak_gflops
+        target = r.config.dtype == 'fp32'
+        rows.append(Row(f'model vs matmul peak: {_setting(r.config, r.img_size)}', 'GFLOP/s (MACs x 2 / step time)',
+                        f'model {r.gflops_per_s:.1f}', f'{r.config.dtype} matmul {r.matmul_peak_gflops:.1f}',
+                        f'{frac:.0%} of peak', '>= 85%' if target else '', _met(frac, 0.85, True) if target else ''))
+    t = _base(opts, 't2t_vit_14', 'train', 16, dtype=low)
+    rows += _pair_rows(f'{low} autocast vs fp32', t, replace(t, dtype='fp32'), low, 'fp32', None, None,
+                       loss_rows=True)[0]
+    return rows
+
+
+def _fixture_module():
+    spec = importlib.util.spec_from_file_location('official_ckpt', FIXTURES / 'official_ckpt.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fixture_model(name: str):
+    """``name`` with the fixtures' reference-layout weights, or None without fixtures."""
+    if not (FIXTURES / f'{name}.spec.json').is_file():
+        return None
+    oc = _fixture_module()
+    spec = json.loads((FIXTURES / f'{name}.spec.json').read_text())
+    model = t2tvit.create_model(name, img_size=spec.get('img_size', 224)).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in oc.make_state_dict(spec).items()}, strict=True)
+    return model
+
+
+def _digits(count: int, size: int) -> torch.Tensor:
+    """scikit-learn's handwritten digits as normalised RGB images of ``size`` pixels."""
+    from sklearn.datasets import load_digits
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    images = torch.from_numpy(load_digits().images[:count]).float()[:, None] / 16.0
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode='bilinear', align_corners=False)
+    images = images.expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[None, :, None, None]
+    std = torch.tensor(IMAGENET_DEFAULT_STD)[None, :, None, None]
+    return (images - mean) / std
+
+
+def bf16_agreement(opts: Options) -> list[Row]:
+    rows = []
+    if opts.checkpoint:
+        model, weights = t2tvit.create_model(None, checkpoint_path=opts.checkpoint).eval(), opts.checkpoint
+    else:
+        model = _fixture_model('t2t_vit_14')
+        weights = 'fixture weights' if model is not None else 'random init (no fixtures)'
+        model = model if model is not None else t2tvit.create_model('t2t_vit_14').eval()
+    name = getattr(model, 't2tvit_config', {}).get('model', 't2t_vit_14')
+    images = _digits(opts.images, model.img_size[0])
+    top1, top5 = top1_agreement(model, images, 'bf16', device=opts.device)
+    rows.append(Row(f'bf16 vs fp32 top-1: {name} ({weights}), {len(images)} digits at {model.img_size[0]}px',
+                    'same top-1', f'{top1:.1%}', f'bf16 top-1 in fp32 top-5: {top5:.1%}', '', '>= 99%',
+                    _met(top1, 0.99, True)))
+    if FIXTURES.is_dir():
+        oc = _fixture_module()
+        for fixture in ('t2t_vit_7', 't2t_vit_t_14'):
+            expected = json.loads((FIXTURES / f'{fixture}.expected.json').read_text())
+            x = torch.from_numpy(oc.make_inputs(expected['input']['batch'], expected['input']['size']))
+            net = _fixture_model(fixture).to(opts.device)
+            with torch.no_grad(), torch.autocast(opts.device, dtype=torch.bfloat16):
+                top = net(x.to(opts.device)).float().argmax(dim=-1).tolist()
+            ref = [t[0] for t in expected['top5']]
+            same = sum(int(p == r) for p, r in zip(top, ref))
+            rows.append(Row(f"bf16 vs the reference's fp32 top-1: {fixture} fixture inputs", 'same top-1',
+                            f'{same}/{len(ref)}', f'reference top-1 {ref}', '', 'all', 'yes' if same == len(ref) else 'no'))
+    return rows
+
+
+def compile_infer(opts: Options) -> list[Row]:
+    a = _base(opts, 't2t_vit_14', 'infer', 32, compile=True)
+    rows, ra, _ = _pair_rows('torch.compile vs eager', a, replace(a, compile=False), 'compiled', 'eager', None, None,
+                             memory=False, speed_note='report')
+    rows.append(Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
+    return rows
+
+
+def compile_train(opts: Options) -> list[Row]:
+    a = _base(opts, 't2t_vit_14', 'train', 16, compile=True)
+    rows, ra, _ = _pair_rows('torch.compile vs eager', a, replace(a, compile=False), 'compiled', 'eager', None, None,
+                             memory=False, speed_note='report')
+    rows.insert(1, Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
+    return rows
+
+
+def onnxruntime(opts: Options) -> list[Row]:
+    import onnxruntime as ort
+    cfg = _base(opts, 't2t_vit_14', 'infer', 32)
+    rt, ro = run_onnxruntime_pair(cfg)
+    ratio = speedup(ro, rt)
+    return [Row(f'onnxruntime {ort.__version__} vs PyTorch eager: {_setting(cfg, rt.img_size)}', 'img/s',
+                f'onnxruntime {_img_s(ro)}', f'PyTorch {_img_s(rt)}', f'{ratio:.2f}x faster', 'report', '')]
+
+
+def grad_checkpointing(opts: Options) -> list[Row]:
+    a = _base(opts, 't2t_vit_t_14', 'train', 16, grad_checkpointing=True)
+    rows = _pair_rows('gradient checkpointing vs none', a, replace(a, grad_checkpointing=False), 'checkpointed',
+                      'plain', None, None, speed_note='report')[0]
+    rows[1].target = 'report'
+    return rows
+
+
+# -- GPU sections ----------------------------------------------------------------------------------
+def gpu_attn(opts: Options) -> list[Row]:
+    rows = []
+    for model in ('t2t_vit_14', 't2t_vit_t_14'):
+        for mode, target in (('train', 1.5), ('infer', None)):
+            a = _base(opts, model, mode, 128, dtype='bf16')
+            rows += _pair_rows('sdpa vs naive attention', a, replace(a, attn='naive'), 'sdpa', 'naive', target, None)[0]
+    return rows
+
+
+def gpu_compile(opts: Options) -> list[Row]:
+    a = _base(opts, 't2t_vit_14', 'train', 128, dtype='bf16', compile=True)
+    rows, ra, _ = _pair_rows('torch.compile vs eager', a, replace(a, compile=False), 'compiled', 'eager', None, None,
+                             memory=False, speed_note='clear win')
+    rows.append(Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
+    return rows
+
+
+CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
+    'attn_train': attn_train, 'attn_train_384': attn_train_384, 'attn_infer': attn_infer, 'bf16': bf16,
+    'bf16_agreement': bf16_agreement, 'compile_infer': compile_infer, 'compile_train': compile_train,
+    'onnxruntime': onnxruntime, 'grad_checkpointing': grad_checkpointing,
+}
+FULL_ONLY = {'compile_train'}
+GPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
+    'gpu_attn': gpu_attn, 'bf16_agreement': bf16_agreement, 'gpu_compile': gpu_compile,
+}
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    text = f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+    if device == 'cuda':
+        text = f'{torch.cuda.get_device_name()} ({text})'
+    return text
+
+
+def markdown(rows: list[Row], header: list[str]) -> str:
+    cols = ['comparison', 'measure', 'A', 'B', 'A vs B', 'target', 'met']
+    lines = [*header, '', f"| {' | '.join(cols)} |", '|' + '---|' * len(cols)]
+    for r in rows:
+        lines.append(f'| {r.comparison} | {r.measure} | {r.a} | {r.b} | {r.ratio} | {r.target} | {r.met} |')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv: list[str] | None = None) -> int:
+    sections_help = ', '.join(list(CPU_SECTIONS) + [s for s in GPU_SECTIONS if s not in CPU_SECTIONS])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    ap.add_argument('--steps', type=int, default=3, help='timed steps of each setting (default 3)')
+    ap.add_argument('--warmup', type=int, default=1, help='untimed steps first (default 1)')
+    ap.add_argument('--batch-scale', type=float, default=1.0, help="multiply every comparison's batch size")
+    ap.add_argument('--images', type=int, default=256, help='digits for the bf16 agreement (default 256)')
+    ap.add_argument('--quick', action='store_true', help='batch scale 1/8, 2 steps, 32 digits: a smoke run')
+    ap.add_argument('--full', action='store_true', help='also training compile, and timed steps at 384')
+    ap.add_argument('--only', help=f'comma-separated sections: {sections_help}')
+    ap.add_argument('--checkpoint', help='a trained checkpoint for the bf16 agreement (e.g. runs/demo/best.pth)')
+    ap.add_argument('-o', '--output', help='also write the table to this file')
+    args = ap.parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        ap.error('--device cuda: torch sees no CUDA device here')
+    opts = Options(device=args.device, steps=args.steps, warmup=args.warmup, batch_scale=args.batch_scale,
+                   full=args.full, images=args.images, checkpoint=args.checkpoint)
+    if args.quick:
+        opts = replace(opts, steps=2, warmup=1, batch_scale=args.batch_scale / 8, images=32)
+    table = GPU_SECTIONS if args.device == 'cuda' else CPU_SECTIONS
+    if args.only:
+        names = [n.strip() for n in args.only.split(',') if n.strip()]
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            ap.error(f"unknown section(s) {', '.join(unknown)} for --device {args.device}: {', '.join(table)}")
+    else:
+        names = [n for n in table if opts.full or n not in FULL_ONLY]
+    start = time.perf_counter()
+    rows: list[Row] = []
+    for name in names:
+        t0 = time.perf_counter()
+        rows += table[name](opts)
+        print(f'[{name}: {time.perf_counter() - t0:.0f} s]', file=sys.stderr, flush=True)
+    try:
+        import onnxruntime
+        ort_version = f', onnxruntime {onnxruntime.__version__}'
+    except ImportError:
+        ort_version = ''
+    command = ' '.join(['python benchmarks/compare.py'] + (sys.argv[1:] if argv is None else argv))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    header = [
+        f'Machine: {machine(args.device)}.',
+        (f'torch {torch.__version__}, timm {timm.__version__}{ort_version}; {now:%Y-%m-%d %H:%M} UTC; '
+        f'`{command}` ran {time.perf_counter() - start:.0f} s.'),
+        (f'Each setting: {opts.warmup} warm-up + {opts.steps} timed steps, alternating A/B; batch sizes '
+        f'scaled by {opts.batch_scale:g}. Speed ratios are medians of per-round step-time ratios.'),
+    ]
+    text = markdown(rows, header)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Speed and memory of one training or inference step, measured the same way on CPU and GPU.
+
+A step is one forward pass (``infer``, under ``torch.inference_mode``) or forward, cross
+entropy, backward and AdamW update (``train``) on a random batch, optionally under
+bf16/fp16 autocast and ``torch.compile(fullgraph=True)``. After warm-up steps the timed
+steps give the median ms/step and img/s. The other figures:
+
+- ``peak_mem_mb``: memory a step needs above what is resident before it (weights,
+  optimizer state, the batch). On CUDA the growth of ``torch.cuda.max_memory_allocated``;
+  on CPU the growth of the peak RSS (``VmHWM``) in a fresh process, where glibc is told to
+  hand every large block back to the system so a warm-up step does not hide the next one.
+- ``gflops_per_s``: the model's forward MACs (those of ``t2tvit profile``), 2 FLOPs each,
+  times the batch, times 3 for a training step (backward costs two forwards), over the
+  median step time.
+- ``matmul_peak_gflops``: the best rate of large square matmuls in the step's dtype on the
+  same device, measured in the same run, so the model's rate can be read as a fraction of it.
+
+``run_pair`` times two configurations step by step in turn (A, B, A, B, ...) so that
+drift of a shared machine lands on both; ``benchmarks/compare.py`` builds its table on it.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+MODES = ('infer', 'train')
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+DEVICES = ('cpu', 'cuda')
+JSON_KEYS = ('model', 'mode', 'batch', 'img_size', 'dtype', 'attn', 'compile', 'device', 'img_per_s',
+             'ms_per_step', 'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops')
+
+
+@dataclass
+class BenchmarkConfig:
+    model: str
+    mode: str = 'infer'
+    batch: int = 32
+    img_size: int | None = None  # the model's default when None
+    dtype: str = 'fp32'
+    attn: str = 'sdpa'
+    compile: bool = False
+    device: str = 'cpu'
+    steps: int = 5
+    warmup: int = 2
+    grad_checkpointing: bool = False
+
+    def validate(self) -> 'BenchmarkConfig':
+        from ..factory import list_models
+        from ..layers.attention import ATTN_IMPLS
+        if self.model not in list_models():
+            raise UserError(f'unknown model {self.model!r}; run `t2tvit models` for the list')
+        for name, value, allowed in (('mode', self.mode, MODES), ('dtype', self.dtype, tuple(DTYPES)),
+                                     ('attn', self.attn, ATTN_IMPLS), ('device', self.device, DEVICES)):
+            if value not in allowed:
+                raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.batch < 1 or self.steps < 1 or self.warmup < 0:
+            raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
+        if self.device == 'cuda' and not torch.cuda.is_available():
+            raise UserError('--device cuda: torch sees no CUDA device here (use --device cpu)')
+        return self
+
+
+@dataclass
+class BenchmarkResult:
+    config: BenchmarkConfig
+    img_size: int
+    step_ms: list[float]
+    flops_per_step: float
+    matmul_peak_gflops: float
+    peak_mem_mb: float | None = None
+    first_step_s: float = 0.0  # includes compilation when config.compile
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ms_per_step(self) -> float:
+        return statistics.median(self.step_ms)
+
+    @property
+    def img_per_s(self) -> float:
+        return self.config.batch / (self.ms_per_step / 1e3)
+
+    @property
+    def gflops_per_s(self) -> float:
+        return self.flops_per_step / (self.ms_per_step / 1e3) / 1e9
+
+    @property
+    def compile_s(self) -> float:
+        """Time of the first call beyond a normal step: the compilation of ``torch.compile``."""
+        return max(0.0, self.first_step_s - self.ms_per_step / 1e3)
+
+    def to_json(self) -> dict[str, object]:
+        c = self.config
+        return {
+            'model': c.model, 'mode': c.mode, 'batch': c.batch, 'img_size': self.img_size, 'dtype': c.dtype,
+            'attn': c.attn, 'compile': c.compile, 'device': c.device,
+            'img_per_s': round(self.img_per_s, 3), 'ms_per_step': round(self.ms_per_step, 3),
+            'peak_mem_mb': None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
+            'gflops_per_s': round(self.gflops_per_s, 2), 'matmul_peak_gflops': round(self.matmul_peak_gflops, 2),
+        }
+
+
+def default_img_size(model: str) -> int:
+    from ..models.t2t_vit import MODEL_CONFIGS
+    size = MODEL_CONFIGS.get(model, {}).get('img_size', 224)
+    return size if isinstance(size, int) else size[0]
+
+
+def _autocast(cfg: BenchmarkConfig):
+    return torch.autocast(cfg.device, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != 'fp32')
+
+
+def _sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class StepRunner:
+    """One model, one random batch and one step function, ready to be timed."""
+
+    def __init__(self, cfg: BenchmarkConfig, seed: int = 0):
+        from ..factory import create_model
+        self.cfg = cfg.validate()
+        self.img_size = cfg.img_size or default_img_size(cfg.model)
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(seed)
+        model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        self.model = model.to(self.device).train(cfg.mode == 'train')
+        self.x = torch.randn(cfg.batch, 3, self.img_size, self.img_size, device=self.device)
+        if cfg.mode == 'train':
+            self.y = torch.randint(0, model.num_classes, (cfg.batch,), device=self.device)
+            self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            self.scaler = torch.amp.GradScaler(cfg.device, enabled=cfg.dtype == 'fp16')
+        self.forward = torch.compile(model, fullgraph=True) if cfg.compile else model
+        self.last_loss: float | None = None
+
+    def step(self):
+        cfg = self.cfg
+        if cfg.mode == 'infer':
+            with torch.inference_mode(), _autocast(cfg):
+                self.forward(self.x)
+        else:
+            with _autocast(cfg):
+                loss = F.cross_entropy(self.forward(self.x), self.y)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            self.last_loss = loss.detach()
+        _sync(self.device)
+
+    def timed_step(self) -> float:
+        """Seconds of one step."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        return time.perf_counter() - t0
+
+
+def forward_flops(model: str, img_size: int) -> float:
+    """FLOPs of one image's forward pass: the MACs of ``t2tvit profile`` (meta device), 2 FLOPs each."""
+    from .profile import profile
+    return 2.0 * profile(model, img_size=img_size).macs
+
+
+def matmul_peak_gflops(dtype: str = 'fp32', device: str = 'cpu', budget_s: float = 0.6) -> float:
+    """Best GFLOP/s of square matmuls (up to 2048) in ``dtype`` on ``device``, within about ``budget_s``."""
+    dev = torch.device(device)
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a = torch.randn(n, n, device=dev).to(DTYPES[dtype])
+        b = torch.randn(n, n, device=dev).to(DTYPES[dtype])
+        a @ b
+        _sync(dev)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(dev)
+        once = time.perf_counter() - t0
+        reps = max(1, min(50, int(budget_s / 3 / max(once, 1e-6))))
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(dev)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9)
+        if once > budget_s / 3:  # slow kernels (fp16 on most CPUs): a bigger size only costs time
+            break
+    return best
+
+
+# -- peak memory ---------------------------------------------------------------------------------
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Make ``VmHWM`` restart from the current RSS (Linux >= 4.0)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def step_peak_mem_mb(runner: StepRunner) -> float:
+    """Peak memory of one step above what is resident before it, measured in this process."""
+    if runner.device.type == 'cuda':
+        torch.cuda.synchronize(runner.device)
+        base = torch.cuda.memory_allocated(runner.device)
+        torch.cuda.reset_peak_memory_stats(runner.device)
+        runner.step()
+        return (torch.cuda.max_memory_allocated(runner.device) - base) / 2 ** 20
+    import resource
+    rss = _proc_status_kb('VmRSS')
+    if rss is not None and _reset_peak_rss():
+        runner.step()
+        return (_proc_status_kb('VmHWM') - rss) / 1024
+    # without /proc: the lifetime peak, which the warm-up may already have set
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    runner.step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def peak_mem_mb(cfg: BenchmarkConfig, timeout_s: float = 1800) -> float:
+    """Peak memory of one step; on CPU in a fresh process, so that nothing else has touched the heap."""
+    if cfg.device == 'cuda':
+        runner = StepRunner(cfg)
+        runner.step()
+        return step_peak_mem_mb(runner)
+    env = dict(os.environ)
+    # glibc returns blocks above this size to the system on free, so RSS follows the live tensors
+    env['MALLOC_MMAP_THRESHOLD_'] = str(128 * 1024)
+    env['MALLOC_TRIM_THRESHOLD_'] = str(128 * 1024)
+    env.setdefault('OMP_NUM_THREADS', str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, '-m', 't2tvit.analysis.benchmark', '--peak-mem', json.dumps(asdict(cfg))],
+                          capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f'memory probe for {cfg.model} failed (exit {proc.returncode}): {proc.stderr[-2000:]}')
+    return float(json.loads(lines[-1])['peak_mem_mb'])
+
+
+# -- runs ------------------------------------------------------------------------------------------
+def _result(runner: StepRunner, step_s: list[float], first_s: float, peak_gflops: float,
+            flops: float | None = None) -> BenchmarkResult:
+    cfg = runner.cfg
+    per_image = flops if flops is not None else forward_flops(cfg.model, runner.img_size)
+    result = BenchmarkResult(
+        config=cfg, img_size=runner.img_size, step_ms=[s * 1e3 for s in step_s],
+        flops_per_step=per_image * cfg.batch * (3 if cfg.mode == 'train' else 1),
+        matmul_peak_gflops=peak_gflops, first_step_s=first_s)
+    if getattr(runner, 'last_loss', None) is not None:
+        result.extra['last_loss'] = float(runner.last_loss)
+    return result
+
+
+def _warm(runner: StepRunner) -> float:
+    first = runner.timed_step() if runner.cfg.warmup else 0.0
+    for _ in range(runner.cfg.warmup - 1):
+        runner.step()
+    return first
+
+
+def run_benchmark(cfg: BenchmarkConfig, memory: bool = True) -> BenchmarkResult:
+    """Warm up, time ``cfg.steps`` steps, measure the matmul peak and (optionally) the step's peak memory."""
+    runner = StepRunner(cfg)
+    first = _warm(runner)
+    times = [runner.timed_step() for _ in range(cfg.steps)]
+    result = _result(runner, times, first, matmul_peak_gflops(cfg.dtype, cfg.device))
+    del runner
+    if memory:
+        result.peak_mem_mb = peak_mem_mb(cfg)
+    return result
+
+
+def run_pair(a: BenchmarkConfig, b: BenchmarkConfig, memory: bool = True) -> tuple[BenchmarkResult, BenchmarkResult]:
+    """Both configurations in this process, timed in turn step by step (A, B, A, B, ...)."""
+    ra, rb = StepRunner(a), StepRunner(b)
+    first_a, first_b = _warm(ra), _warm(rb)
+    ta, tb = [], []
+    for _ in range(max(a.steps, b.steps)):
+        ta.append(ra.timed_step())
+        tb.append(rb.timed_step())
+    peak_a = matmul_peak_gflops(a.dtype, a.device)
+    peak_b = peak_a if (b.dtype, b.device) == (a.dtype, a.device) else matmul_peak_gflops(b.dtype, b.device)
+    res_a, res_b = _result(ra, ta, first_a, peak_a), _result(rb, tb, first_b, peak_b)
+    del ra, rb
+    if memory:
+        res_a.peak_mem_mb, res_b.peak_mem_mb = peak_mem_mb(a), peak_mem_mb(b)
+    return res_a, res_b
+
+
+def speedup(a: BenchmarkResult, b: BenchmarkResult) -> float:
+    """How many times faster A ran than B: the median over rounds of B's step time over A's.
+
+    Steps of ``run_pair`` alternate, so each round's two steps saw the same load on the machine.
+    """
+    return statistics.median(tb / ta for ta, tb in zip(a.step_ms, b.step_ms))
+
+
+class OnnxRuntimeRunner:
+    """The same inference step through onnxruntime's CPU session, on a copy of ``runner``'s model and batch."""
+
+    def __init__(self, runner: StepRunner, workdir: str):
+        from ..export import OnnxRuntimeModel, export_model
+        cfg = runner.cfg
+        if cfg.mode != 'infer' or cfg.device != 'cpu' or cfg.dtype != 'fp32':
+            raise ValueError('onnxruntime is compared on CPU fp32 inference only')
+        self.cfg, self.img_size, self.device = cfg, runner.img_size, runner.device
+        path = export_model(runner.model, 'onnx', os.path.join(workdir, f'{cfg.model}.onnx'), img_size=runner.img_size,
+                            dynamic_batch=True)
+        self.session = OnnxRuntimeModel(path)
+        self.x = runner.x
+
+    def step(self):
+        self.session(self.x)
+
+    def timed_step(self) -> float:
+        t0 = time.perf_counter()
+        self.step()
+        return time.perf_counter() - t0
+
+
+def run_onnxruntime_pair(cfg: BenchmarkConfig) -> tuple[BenchmarkResult, BenchmarkResult]:
+    """PyTorch eager and onnxruntime on the same model and batch, timed in turn (CPU, fp32, infer)."""
+    import tempfile
+    runner = StepRunner(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        ort_runner = OnnxRuntimeRunner(runner, tmp)
+        first_t, first_o = _warm(runner), _warm(ort_runner)
+        tt, to = [], []
+        for _ in range(cfg.steps):
+            tt.append(runner.timed_step())
+            to.append(ort_runner.timed_step())
+    peak = matmul_peak_gflops(cfg.dtype, cfg.device)
+    flops = forward_flops(cfg.model, runner.img_size)
+    return _result(runner, tt, first_t, peak, flops), _result(runner, to, first_o, peak, flops)
+
+
+@torch.no_grad()
+def top1_agreement(model: torch.nn.Module, images: torch.Tensor, dtype: str = 'bf16', batch: int = 32,
+                   device: str = 'cpu') -> tuple[float, float]:
+    """Fraction of ``images`` whose top-1 class under ``dtype`` autocast equals the float32 one, and
+    the fraction whose low-precision top-1 is among the float32 top-5."""
+    model = model.eval().to(device)
+    agree = in_top5 = 0
+    for chunk in images.split(batch):
+        chunk = chunk.to(device)
+        ref = model(chunk).float()
+        with torch.autocast(device, dtype=DTYPES[dtype]):
+            low = model(chunk).float()
+        top1 = low.argmax(dim=-1)
+        agree += int((top1 == ref.argmax(dim=-1)).sum())
+        in_top5 += int((ref.topk(5, dim=-1).indices == top1[:, None]).any(dim=-1).sum())
+    return agree / len(images), in_top5 / len(images)
+
+
+def format_result(r: BenchmarkResult) -> str:
+    c = r.config
+    mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
+    options = (' compiled' if c.compile else '') + (' grad-checkpointing' if c.grad_checkpointing else '')
+    fraction = r.gflops_per_s / r.matmul_peak_gflops
+    lines = [
+        f'{c.model} {c.mode} batch {c.batch} {r.img_size}px {c.dtype} attn={c.attn}{options} on {c.device}',
+        f'  {r.img_per_s:.2f} img/s  {r.ms_per_step:.1f} ms/step (median of {len(r.step_ms)})  peak memory {mem}',
+        f'  {r.gflops_per_s:.1f} GFLOP/s = {fraction:.0%} of the {r.matmul_peak_gflops:.1f} GFLOP/s {c.dtype} matmul peak',
+    ]
+    if c.compile:
+        lines.append(f'  compile: {r.compile_s:.1f} s (first step {r.first_step_s:.1f} s)')
+    return '\n'.join(lines)
+
+
+def _peak_mem_main(config_json: str) -> int:
+    fields_ = {f.name for f in fields(BenchmarkConfig)}
+    cfg = BenchmarkConfig(**{k: v for k, v in json.loads(config_json).items() if k in fields_})
+    runner = StepRunner(cfg)
+    runner.step()  # lazy state (optimizer moments, kernels, compiled code) is not the step's
+    print(json.dumps({'peak_mem_mb': step_peak_mem_mb(runner)}), flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    if len(sys.argv) == 3 and sys.argv[1] == '--peak-mem':
+        sys.exit(_peak_mem_main(sys.argv[2]))
+    sys.exit('usage: python -m t2tvit.analysis.benchmark --peak-mem CONFIG_JSON (use `t2tvit benchmark`)')

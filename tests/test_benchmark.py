@@ -1,0 +1,67 @@
+"""`t2tvit benchmark` runs every mode and prints well-formed JSON; timings are never asserted."""
+import json
+import math
+
+import pytest
+import torch
+
+from t2tvit.analysis.benchmark import JSON_KEYS, BenchmarkConfig, run_pair, speedup
+from t2tvit.cli import main
+
+SMALL = ['--model', 't2t_vit_7', '--img-size', '32', '-b', '2', '--steps', '2', '--warmup', '1']
+
+
+def _bench_json(capsys, *flags) -> dict:
+    assert main(['benchmark', *SMALL, '--json', *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _check_well_formed(row: dict, **expected):
+    assert tuple(row) == JSON_KEYS
+    for key, value in expected.items():
+        assert row[key] == value
+    for key in ('img_per_s', 'ms_per_step', 'gflops_per_s', 'matmul_peak_gflops'):
+        assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0
+
+
+def test_infer_json_with_peak_memory_from_a_fresh_process(capsys):
+    row = _bench_json(capsys)
+    _check_well_formed(row, model='t2t_vit_7', mode='infer', batch=2, img_size=32, dtype='fp32', attn='sdpa',
+                       compile=False, device='cpu')
+    assert isinstance(row['peak_mem_mb'], float) and row['peak_mem_mb'] >= 0
+
+
+@pytest.mark.parametrize('flags', [
+    ['--mode', 'train', '--attn', 'naive'],
+    ['--mode', 'train', '--dtype', 'bf16', '--grad-checkpointing'],
+    ['--dtype', 'bf16'],
+])
+def test_train_and_low_precision_json(capsys, flags):
+    row = _bench_json(capsys, '--no-memory', *flags)
+    mode = 'train' if 'train' in flags else 'infer'
+    _check_well_formed(row, mode=mode, dtype='bf16' if 'bf16' in flags else 'fp32',
+                       attn='naive' if 'naive' in flags else 'sdpa')
+    assert row['peak_mem_mb'] is None
+
+
+def test_human_readable_report(capsys):
+    assert main(['benchmark', *SMALL, '--no-memory']) == 0
+    out = capsys.readouterr().out
+    assert 'img/s' in out and 'matmul peak' in out
+
+
+def test_pairs_alternate_and_report_a_speedup():
+    a = BenchmarkConfig('t2t_vit_7', batch=2, img_size=32, steps=2, warmup=1)
+    b = BenchmarkConfig('t2t_vit_7', batch=2, img_size=32, steps=2, warmup=1, attn='naive')
+    ra, rb = run_pair(a, b, memory=False)
+    assert len(ra.step_ms) == len(rb.step_ms) == 2
+    assert speedup(ra, rb) > 0
+
+
+def test_user_mistakes_end_in_one_line(capsys):
+    assert main(['benchmark', '--model', 't2t_vit_77']) == 2
+    assert 'unknown model' in capsys.readouterr().err
+    assert main(['benchmark', *SMALL, '--steps', '0']) == 2
+    if not torch.cuda.is_available():
+        assert main(['benchmark', *SMALL, '--device', 'cuda']) == 2
+        assert 'no CUDA device' in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""Low precision and compilation keep the numbers: the Performer stays float32 under autocast,
+bf16 keeps the reference's top-1, bf16 training stays finite, compiled and traced models match eager."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t2tvit
+from conftest import load_json
+from t2tvit.layers import performer
+from t2tvit.layers.performer import _linear_attention
+from t2tvit.models import PAPER_RESULTS
+
+
+def _fixture_model(name, fixtures_dir, official_ckpt):
+    spec = load_json(fixtures_dir / f'{name}.spec.json')
+    model = t2tvit.create_model(name).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in official_ckpt.make_state_dict(spec).items()})
+    return model
+
+
+class PerformerCore(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w, requires_grad=False)
+
+    def forward(self, q, k, v):
+        # called through its module, where torch.fx.wrap made it a leaf
+        return performer.performer_attention(q, k, v, self.w)
+
+
+@pytest.fixture(scope='module')
+def performer_inputs():
+    torch.manual_seed(0)
+    # a T2T layer's shapes and scales: 256 tokens of width 64, 32 random features
+    q, k, v = (torch.randn(2, 256, 64) * 0.5 for _ in range(3))
+    w = torch.nn.init.orthogonal_(torch.empty(32, 64)) * 32 ** 0.5
+    exact = _linear_attention(q.double(), k.double(), v.double(), w.double(), 1e-8, False)
+    return q, k, v, w, exact
+
+
+@pytest.mark.parametrize('wrap', ['eager', 'script', 'fx', 'compile'])
+def test_performer_attention_stays_float32_under_bf16_autocast(performer_inputs, wrap):
+    q, k, v, w, exact = performer_inputs
+    core = PerformerCore(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated in torch
+        fn = {'eager': lambda m: m, 'script': torch.jit.script, 'fx': torch.fx.symbolic_trace,
+              'compile': lambda m: torch.compile(m, fullgraph=True)}[wrap](core)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        y = fn(q, k, v)
+        unguarded = _linear_attention(q, k, v, w, 1e-8, False)
+    assert y.dtype == torch.float32
+    scale = exact.abs().max().item()
+    assert (y.double() - exact).abs().max().item() < 1e-5 * scale
+    # the check means something: the same math left to autocast is far off
+    assert (unguarded.double() - exact).abs().max().item() > 1e-3 * scale
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14'])
+def test_bf16_keeps_the_reference_top1(name, fixtures_dir, official_ckpt):
+    expected = load_json(fixtures_dir / f'{name}.expected.json')
+    model = _fixture_model(name, fixtures_dir, official_ckpt)
+    x = torch.from_numpy(official_ckpt.make_inputs(expected['input']['batch'], expected['input']['size']))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = model(x).float()
+    assert logits.argmax(dim=-1).tolist() == [top5[0] for top5 in expected['top5']]
+    torch.testing.assert_close(logits, torch.tensor(expected['logits']), atol=0.1, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14'])
+def test_bf16_autocast_training_stays_finite(name):
+    torch.manual_seed(0)
+    model = t2tvit.create_model(name, img_size=64, num_classes=10).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(4, 3, 64, 64) * 3, torch.randint(0, 10, (4,))
+    for _ in range(2):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_script_and_fx_match_eager():
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_7', img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        scripted = torch.jit.script(model)
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        ref = model(x)
+        for fn in (scripted, traced):
+            torch.testing.assert_close(fn(x), ref, atol=1e-4, rtol=0)
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                assert torch.isfinite(fn(x)).all()
+
+
+def _check_compiled(name, img_size):
+    torch.manual_seed(0)
+    kwargs = {'img_size': img_size} if img_size else {}
+    model = t2tvit.create_model(name, **kwargs).eval()
+    size = model.img_size
+    x = torch.randn(2, 3, *size)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=0)
+
+
+def test_compile_fullgraph_matches_eager():
+    _check_compiled('t2t_vit_7', 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(PAPER_RESULTS))
+def test_compile_fullgraph_matches_eager_every_paper_model(name):
+    _check_compiled(name, None)
