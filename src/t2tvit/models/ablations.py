@@ -141,6 +141,10 @@ class GhostAttention(Attention):
         self.cheap_operation_q = _cheap_operation(half)
         self.cheap_operation_k = _cheap_operation(half)
         self.cheap_operation_v = _cheap_operation(half)
+        # re-register the projection last: the reference's state-dict order (q, k, v, cheap ops, proj)
+        proj, proj_drop = self.proj, self.proj_drop
+        del self.proj, self.proj_drop
+        self.proj, self.proj_drop = proj, proj_drop
 
     def _heads(self, y: torch.Tensor, cheap: nn.Module) -> torch.Tensor:
         B, N, _ = y.shape
