@@ -313,7 +313,7 @@ def render_features(layers: Sequence[LayerMaps], path, channels: int = 16, title
         h, w = maps.shape[1:]
         gap = max(2, round(max(h, w) / 6))
         canvas, corners = _mosaic(_scaled(maps[:n]), cols, gap)
-        ax.imshow(canvas, interpolation='nearest')
+        ax.imshow(canvas, interpolation='antialiased')
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f'{layer.name}\n{layer.note}' if layer.note else layer.name, fontsize=10)
