@@ -10,7 +10,7 @@ from .models import MODEL_CONFIGS
 def list_models(pattern: str = '') -> List[str]:
     """Names of every t2tvit model (optionally filtered by an fnmatch ``pattern``)."""
     import fnmatch
-    names = sorted(timm.list_models(module=['t2t_vit', 'ablations']))
+    names = timm.list_models(module=['t2t_vit', 'ablations'])  # natural order: t2t_vit_7 before t2t_vit_10
     return [n for n in names if not pattern or fnmatch.fnmatch(n, pattern)]
 
 
