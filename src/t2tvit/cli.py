@@ -219,6 +219,31 @@ def _add_export(sub):
     p.add_argument('--no-verify', action='store_true', help='skip running the exported file against PyTorch')
 
 
+# -- ablate ---------------------------------------------------------------------------------------
+def _run_ablate(args) -> int:
+    from .analysis.ablate import run_ablation, summary
+    result = run_ablation(args.data, epochs=args.epochs, budget_minutes=args.budget_minutes, seeds=args.seeds,
+                          img_size=args.img_size, out_dir=args.out, jobs=args.jobs)
+    print(f'\n{summary(result)}\n')
+    for path in result.files:
+        print(path)
+    return 0
+
+
+def _add_ablate(sub):
+    p = _command(sub, 'ablate', "retrain the paper's ablations (Table 7) at small scale with one recipe "
+                 'over several seeds; writes ablation.csv, ablation.png and summary.md', _run_ablate)
+    p.add_argument('data', nargs='?', metavar='DATA',
+                   help='an image folder (DATA/train, DATA/val) or a CIFAR folder (default: the built-in digits)')
+    p.add_argument('--epochs', type=int, default=30, help='epochs of every run, at most (default 30)')
+    p.add_argument('--budget-minutes', type=float, default=10.0, metavar='M',
+                   help='fewer epochs when all runs would not fit in M minutes (default 10)')
+    p.add_argument('--seeds', type=int, default=3, help='seeds per model (default 3; fewer gives no spread)')
+    p.add_argument('--img-size', type=int, metavar='PX', help='default: 16 for the digits, 32 otherwise')
+    p.add_argument('--jobs', type=int, metavar='N', help='runs at once (default: 2 on a CPU, 1 on a GPU)')
+    p.add_argument('-o', '--out', default='runs/ablate', metavar='DIR', help='where the files go')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='t2tvit', description='T2T-ViT: models, checkpoints, training and analysis.')
@@ -229,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_convert,
+ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_ablate, _add_convert,
                           _add_benchmark, _add_export]
 
 
