@@ -7,7 +7,7 @@ Each command lives in one ``_add_<command>`` function (its arguments) and one
 import argparse
 import json
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .errors import UserError
 
@@ -136,6 +136,284 @@ def _add_report(sub):
                    help='where the files go (default runs/report); without --markdown/--png both are written')
 
 
+# -- train / finetune -----------------------------------------------------------------------------
+def _key_values(items: Optional[List[str]]) -> Dict[str, Any]:
+    import yaml
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise UserError(f'--model-kwargs {item}: expected KEY=VALUE, e.g. depth=4')
+        out[key.replace('-', '_')] = yaml.safe_load(value)
+    return out
+
+
+def _run_config(command: str, args):
+    from .engine.config import FIELDS, build_config
+    given = {k: v for k, v in vars(args).items() if k in FIELDS and k not in ('data', 'model_kwargs')}
+    if getattr(args, 'data', None) is not None:
+        given['data'] = args.data
+    if getattr(args, 'model_kwargs', None) is not None:
+        given['model_kwargs'] = _key_values(args.model_kwargs)
+    if given.get('auto_augment') in ('none', ''):
+        given['auto_augment'] = None
+    return build_config(command, getattr(args, 'config', None), given)
+
+
+def _quiet_rank() -> bool:
+    from .engine.distributed import env_rank
+    return env_rank() != 0
+
+
+def _fit(command: str, args) -> int:
+    """Run ``fit``; only rank 0 prints errors and the how-to-resume line."""
+    import signal as _signal
+    from .engine.distributed import launched_by_torchrun
+    from .engine.train import Interrupted, fit
+    try:
+        cfg = _run_config(command, args)
+        if command == 'finetune' and not cfg.checkpoint:
+            raise UserError('finetune needs --checkpoint PATH (the pretrained weights)')
+        result = fit(cfg)
+    except UserError:
+        if _quiet_rank():
+            return UserError.exit_code
+        raise
+    except Interrupted as e:
+        if not _quiet_rank():
+            print(f't2tvit {command}: {e}', file=sys.stderr)
+            resume = _resume_command(command, cfg.output, launched_by_torchrun())
+            print(f'resume with: {resume}', file=sys.stderr)
+        return e.exit_code if e.signum in (_signal.SIGINT, _signal.SIGTERM) else 128 + e.signum
+    if _quiet_rank():
+        return 0
+    best = '-'
+    if result.best_metric is not None:
+        best = f'{result.best_metric:.2f}% top-1 at epoch {result.best_epoch}'
+    if result.stopped_early:
+        print(f'stopped after {result.epochs_done}/{result.total_epochs} epochs as asked '
+              f'(--stop-after-epochs); best so far {best}')
+        print(f'resume with: {_resume_command(command, cfg.output, launched_by_torchrun())}')
+    else:
+        print(f'done: {result.epochs_done} epochs, best {best}; checkpoints, metrics.csv and curves.png in '
+              f'{result.output}')
+    return 0
+
+
+def _resume_command(command: str, output: str, torchrun: bool) -> str:
+    import os
+    import shlex
+    launcher = 't2tvit'
+    if torchrun:
+        launcher = f'torchrun --nproc_per_node {os.environ.get("LOCAL_WORLD_SIZE", "N")} -m t2tvit'
+    config = shlex.quote(os.path.join(output, 'config.yaml'))
+    return f'{launcher} {command} --config {config} --resume auto'
+
+
+def _add_run_flags(p, finetune: bool):
+    """Flags that fill the run config (engine/config.py); unset flags leave the preset's values."""
+    S = argparse.SUPPRESS
+    p.add_argument('data', nargs='?', metavar='DATA',
+                   help='DATA/train/<class>/* and DATA/val/<class>/*, or a CIFAR folder with --dataset; '
+                        'omitted: the built-in digits')
+    g = p.add_argument_group('run')
+    g.add_argument('-c', '--config', metavar='YAML',
+                   help='preset (configs/NAME.yaml or a path); flags override it')
+    g.add_argument('--model', default=S, help='registered model name, e.g. t2t_vit_14')
+    g.add_argument('--model-kwargs', nargs='+', metavar='KEY=VALUE',
+                   help='extra model arguments, e.g. depth=4')
+    g.add_argument('--dataset', default=S, choices=['folder', 'cifar10', 'cifar100', 'digits'],
+                   help='folder (default with DATA), cifar10/cifar100 python archives in DATA, digits')
+    g.add_argument('--img-size', type=int, default=S, metavar='PX', help="input size (default: the model's)")
+    g.add_argument('-o', '--output', default=S, metavar='DIR',
+                   help=f"checkpoints, metrics (default runs/{'finetune' if finetune else 'train'})")
+    g.add_argument('--resume', default=S, metavar='PATH|auto', help='continue a run; auto: OUTPUT/last.pth')
+    g.add_argument('--overwrite', action='store_const', const=True, default=S,
+                   help='replace the run already in OUTPUT')
+    g.add_argument('--stop-after-epochs', type=int, default=S, metavar='K',
+                   help='end after K epochs as an interruption would (the schedule still follows --epochs)')
+    g.add_argument('--seed', type=int, default=S)
+    g.add_argument('-j', '--workers', type=int, default=S, help='data loader processes per rank (default 4)')
+    g.add_argument('--device', default=S, help='cuda, cuda:1, cpu (default: cuda if available)')
+    g.add_argument('--amp', action='store_const', const=True, default=S,
+                   help='autocast (bf16 where supported, else fp16); default on CUDA only')
+    g.add_argument('--no-amp', dest='amp', action='store_const', const=False, default=S, help='fp32')
+    g.add_argument('--no-progress', dest='progress', action='store_const', const=False, default=S,
+                   help='no progress bars (the per-epoch lines stay)')
+    o = p.add_argument_group('optimization')
+    o.add_argument('-b', '--batch-size', type=int, default=S, metavar='B', help='per process')
+    o.add_argument('--epochs', type=int, default=S, metavar='E')
+    o.add_argument('--lr', type=float, default=S,
+                   help='for a global batch of --lr-base-size (scaled linearly)')
+    o.add_argument('--lr-base-size', type=int, default=S, metavar='N', help='0: use --lr as given')
+    o.add_argument('--opt', default=S, help="any timm optimizer (adamw, sgd, ...)")
+    o.add_argument('--weight-decay', type=float, default=S)
+    o.add_argument('--momentum', type=float, default=S)
+    o.add_argument('--clip-grad', type=float, default=S, metavar='NORM', help='clip the gradient norm')
+    o.add_argument('--sched', default=S, help='timm scheduler (cosine, step, ...)')
+    o.add_argument('--warmup-epochs', type=int, default=S)
+    o.add_argument('--warmup-lr', type=float, default=S)
+    o.add_argument('--min-lr', type=float, default=S)
+    o.add_argument('--cooldown-epochs', type=int, default=S)
+    if finetune:
+        o.add_argument('--transfer-ratio', type=float, default=S,
+                       help='backbone lr = lr x ratio, the new head at lr (default 0.01)')
+    a = p.add_argument_group('augmentation and regularization')
+    a.add_argument('--augment', default=S, choices=['timm', 'pad-crop', 'none'],
+                   help='timm: random-resized crop, RandAugment, erasing; pad-crop: padded crop and flip')
+    a.add_argument('--aa', dest='auto_augment', default=S, metavar='POLICY',
+                   help='e.g. rand-m9-mstd0.5-inc1; none')
+    a.add_argument('--hflip', type=float, default=S)
+    a.add_argument('--reprob', type=float, default=S, help='random erasing probability')
+    a.add_argument('--mixup', type=float, default=S, help='mixup alpha (0: off)')
+    a.add_argument('--cutmix', type=float, default=S, help='cutmix alpha (0: off)')
+    a.add_argument('--smoothing', type=float, default=S, help='label smoothing')
+    a.add_argument('--drop', dest='drop_rate', type=float, default=S, help='dropout rate')
+    a.add_argument('--drop-path', type=float, default=S)
+    a.add_argument('--model-ema', action='store_const', const=True, default=S,
+                   help='keep an EMA of the weights')
+    a.add_argument('--no-model-ema', dest='model_ema', action='store_const', const=False, default=S)
+    a.add_argument('--model-ema-decay', type=float, default=S)
+    d = p.add_argument_group('knowledge distillation')
+    d.add_argument('--teacher', default=S, metavar='MODEL', help='any timm or t2tvit model')
+    d.add_argument('--teacher-checkpoint', default=S, metavar='PATH')
+    d.add_argument('--distill', default=S, choices=['hard', 'soft'])
+    d.add_argument('--distill-alpha', type=float, default=S, help='weight of the teacher term (default 0.5)')
+    d.add_argument('--distill-tau', type=float, default=S, help='soft distillation temperature (default 1)')
+
+
+def _run_train(args) -> int:
+    return _fit('train', args)
+
+
+def _add_train(sub):
+    p = _command(sub, 'train', "train from scratch; defaults are the paper's ImageNet recipe", _run_train)
+    _add_run_flags(p, finetune=False)
+
+
+def _run_finetune(args) -> int:
+    return _fit('finetune', args)
+
+
+def _add_finetune(sub):
+    p = _command(sub, 'finetune', 'transfer pretrained weights to new data (new head, resized position '
+                 'table): the reference CIFAR recipe, SGD lr 0.05, 60 epochs', _run_finetune)
+    _add_run_flags(p, finetune=True)
+    p.add_argument('--checkpoint', default=argparse.SUPPRESS, metavar='PATH',
+                   help='pretrained weights (any layout t2tvit reads; EMA weights when present)')
+
+
+# -- validate / predict ---------------------------------------------------------------------------
+def _run_validate(args) -> int:
+    from .engine.evaluate import validate
+    try:
+        m = validate(args.checkpoint, model_name=args.model, data=args.data, dataset=args.dataset,
+                     img_size=args.img_size, crop_pct=args.crop_pct, batch_size=args.batch_size, amp=args.amp,
+                     workers=args.workers, device=args.device, progress=not args.no_progress)
+    except UserError:
+        if _quiet_rank():
+            return UserError.exit_code
+        raise
+    if not m['is_main']:
+        return 0
+    if m['note']:
+        print(m['note'], file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: m[k] for k in ('top1', 'top5', 'loss', 'images', 'img_per_s')}))
+    else:
+        print(f"{m['model']} {m['checkpoint']}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  "
+              f"loss {m['loss']:.4f}  ({m['images']} images at {m['img_size']}px, crop {m['crop_pct']:g}, "
+              f"{m['img_per_s']:.0f} img/s)")
+    return 0
+
+
+def _add_validate(sub):
+    p = _command(sub, 'validate', 'top-1/top-5 and loss of a checkpoint (EMA weights by default)',
+                 _run_validate)
+    p.add_argument('data', nargs='?', metavar='DATA',
+                   help='DATA/val (or DATA holding class folders), a CIFAR folder with --dataset; '
+                        'omitted: the data the checkpoint was trained on')
+    p.add_argument('--model', help='registered model name (default: the one the checkpoint names)')
+    p.add_argument('--checkpoint', required=True, metavar='PATH')
+    p.add_argument('--dataset', choices=['folder', 'cifar10', 'cifar100', 'digits'])
+    p.add_argument('--img-size', type=int, metavar='PX',
+                   help='evaluate at this size (position table resized)')
+    p.add_argument('--crop-pct', type=float, help="center-crop fraction (default: the model's)")
+    p.add_argument('-b', '--batch-size', type=int, default=100)
+    p.add_argument('--amp', action='store_const', const=True, help='autocast (default on CUDA only)')
+    p.add_argument('--no-amp', dest='amp', action='store_const', const=False)
+    p.add_argument('-j', '--workers', type=int, default=4)
+    p.add_argument('--device')
+    p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--json', action='store_true',
+                   help='print {"top1", "top5", "loss", "images", "img_per_s"}')
+
+
+def _run_predict(args) -> int:
+    from .engine.evaluate import predict_files
+    results = predict_files(args.images, args.checkpoint, model_name=args.model, img_size=args.img_size,
+                            topk=args.topk, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for r in results:
+        tops = ', '.join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r['top'])
+        print(f"{r['image']}: {tops}")
+    return 0
+
+
+def _add_predict(sub):
+    p = _command(sub, 'predict', 'top-k classes of image files (names from the checkpoint, or ImageNet)',
+                 _run_predict)
+    p.add_argument('images', nargs='+', metavar='IMAGE')
+    p.add_argument('--model', help='registered model name (default: the one the checkpoint names)')
+    p.add_argument('--checkpoint', required=True, metavar='PATH')
+    p.add_argument('--topk', type=int, default=5)
+    p.add_argument('--img-size', type=int, metavar='PX')
+    p.add_argument('--device')
+    p.add_argument('--json', action='store_true',
+                   help='print a list of {"image", "top": [{"class", "prob"}]}')
+
+
+# -- demo -----------------------------------------------------------------------------------------
+def _run_demo(args) -> int:
+    """``make demo``: train on the built-in digits, validate best.pth, predict held-out digits."""
+    import time
+    from pathlib import Path
+    from .data import digits_samples
+    start = time.perf_counter()
+    out = Path(args.output)
+    steps = [['train', '--config', 'demo', '--output', str(out), '--overwrite']]
+    if args.epochs:
+        steps[0] += ['--epochs', str(args.epochs)]
+    if args.no_progress:
+        steps[0] += ['--no-progress']
+    steps.append(['validate', '--checkpoint', str(out / 'best.pth'), '--no-progress'])
+    for argv in steps:
+        print(f'\n$ t2tvit {" ".join(argv)}', flush=True)
+        code = main(argv)
+        if code:
+            return code
+    samples = digits_samples(out / 'samples')
+    argv = ['predict', *[str(p) for p, _ in samples], '--checkpoint', str(out / 'best.pth'), '--topk', '1']
+    print(f'\n$ t2tvit predict {out}/samples/*.png --checkpoint {out}/best.pth --topk 1', flush=True)
+    code = main(argv)
+    if code:
+        return code
+    print(f'\ndemo done in {time.perf_counter() - start:.0f}s: {out}/metrics.csv, {out}/curves.png, '
+          f'{out}/best.pth, {out}/last.pth, {out}/config.yaml '
+          f'(the file names of the samples give their true digit)')
+    return 0
+
+
+def _add_demo(sub):
+    p = _command(sub, 'demo', 'train on the built-in digits, validate best.pth, predict held-out digits',
+                 _run_demo)
+    p.add_argument('-o', '--output', default='runs/demo', metavar='DIR')
+    p.add_argument('--epochs', type=int, help="override the preset's epochs (quicker, less accurate)")
+    p.add_argument('--no-progress', action='store_true')
+
+
 # -- convert --------------------------------------------------------------------------------------
 def _run_convert(args) -> int:
     from .checkpoint import convert_checkpoint
@@ -254,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_ablate, _add_convert,
+ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_ablate,
+                          _add_train, _add_validate, _add_finetune, _add_predict, _add_demo, _add_convert,
                           _add_benchmark, _add_export]
 
 

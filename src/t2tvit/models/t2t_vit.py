@@ -317,6 +317,9 @@ MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
     # small images (CIFAR, the built-in digits): 32x32 -> 32x32 -> 16x16 -> 8x8 tokens
     't2t_vit_7_32': dict(img_size=32, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0,
                          t2t_kernel_sizes=(3, 3, 3), t2t_strides=(1, 2, 2), t2t_paddings=(1, 1, 1), **_PERFORMER),
+    # `make demo`'s model: t2t_vit_7_32's geometry, narrow and shallow to train in minutes on 2 CPU cores
+    't2t_vit_lite_32': dict(img_size=32, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, token_dim=16,
+                            t2t_kernel_sizes=(3, 3, 3), t2t_strides=(1, 2, 2), t2t_paddings=(1, 1, 1), **_PERFORMER),
 }
 
 # (top-1 %, params M, MACs G) as published; None where the paper gives no number

@@ -1,0 +1,507 @@
+"""Datasets and loaders: an image folder tree, CIFAR-10/100 archives on disk, the built-in digits.
+
+Every dataset is a list of labelled images read on demand, wrapped by :class:`AugmentedDataset`,
+which applies the transform under a random seed fixed by (run seed, epoch, image index). The
+augmentation of an image therefore does not depend on the number of loader workers, on the
+process that reads it, or on where an interrupted run was resumed: a resumed run sees the very
+same batches as one that never stopped.
+
+Images that fail to decode do not stop a run: the loader drops them from the batch and reports
+their paths, the training loop counts them and aborts when more than 1% fail.
+
+Nothing is ever downloaded: CIFAR must already be on disk (the messages say which files go where)
+and the digits come with scikit-learn.
+"""
+
+import importlib
+import io
+import os
+import pickle
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .errors import UserError
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
+CIFAR_FILES = {
+    'cifar10': (
+        'cifar-10-batches-py',
+        [f'data_batch_{i}' for i in range(1, 6)],
+        ['test_batch'],
+        'batches.meta',
+        b'labels',
+        b'label_names',
+    ),
+    'cifar100': ('cifar-100-python', ['train'], ['test'], 'meta', b'fine_labels', b'fine_label_names'),
+}
+DIGITS_SPLIT_SEED = 0
+DIGITS_VAL_FRACTION = 0.2
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for any PIL mode: grayscale, CMYK, palette; transparent pixels become white."""
+    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert('RGB')
+    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 0 else 1.0
+        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8))
+    return img.convert('RGB')
+
+
+def load_image(path: str) -> Image.Image:
+    with open(path, 'rb') as f:
+        img = Image.open(io.BytesIO(f.read()))
+        img.load()
+    return to_rgb(img)
+
+
+# -- labelled images ------------------------------------------------------------------------------
+class LabelledImages:
+    """``len``, ``image(i)`` (an RGB PIL image), ``targets``, ``classes`` and ``name(i)`` for messages."""
+
+    classes: List[str]
+    targets: List[int]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def name(self, i: int) -> str:
+        return f'#{i}'
+
+
+class FolderImages(LabelledImages):
+    """``root/<class>/**/*.jpg``; class indices follow ``classes`` (sorted folder names by default)."""
+
+    def __init__(self, root: Path, classes: Optional[Sequence[str]] = None, describe: str = ''):
+        self.root = Path(root)
+        found = scan_folder(self.root, describe or str(root))
+        if classes is None:
+            classes = sorted(found)
+        index = {c: i for i, c in enumerate(classes)}
+        extra = sorted(set(found) - set(index))
+        if extra:
+            raise UserError(
+                f'{describe or root}: class folders {", ".join(extra[:5])} are not among the '
+                f'{len(classes)} classes of the training data / checkpoint'
+            )
+        self.classes = list(classes)
+        self.paths: List[str] = []
+        self.targets = []
+        for cls in sorted(found):
+            for p in found[cls]:
+                self.paths.append(p)
+                self.targets.append(index[cls])
+
+    def image(self, i: int) -> Image.Image:
+        return load_image(self.paths[i])
+
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
+
+def scan_folder(root: Path, describe: str) -> Dict[str, List[str]]:
+    """{class: sorted image paths}; a missing tree, no class folders or an empty class is a UserError."""
+    if not root.is_dir():
+        raise UserError(f'{describe}: no such folder (expected {describe}/<class>/*.jpg)')
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+    if not classes:
+        raise UserError(f'{describe}: no class folders in it (expected {describe}/<class>/*.jpg)')
+    found: Dict[str, List[str]] = {}
+    for cls in classes:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+            files += [
+                os.path.join(dirpath, f)
+                for f in filenames
+                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')
+            ]
+        if not files:
+            raise UserError(f'no images found in {describe}/{cls} (expected {describe}/<class>/*.jpg)')
+        found[cls] = sorted(files)
+    return found
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads the CIFAR python archives: plain containers and numpy arrays, nothing else (no code)."""
+
+    _ALLOWED = {
+        ('numpy.core.multiarray', '_reconstruct'),
+        ('numpy._core.multiarray', '_reconstruct'),
+        ('numpy', 'ndarray'),
+        ('numpy', 'dtype'),
+        ('numpy.core.multiarray', 'scalar'),
+        ('numpy._core.multiarray', 'scalar'),
+        ('_codecs', 'encode'),  # bytes written by Python 3 at protocol 2 (a string encoder, no side effects)
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+        if module.startswith('numpy.core.') and hasattr(np, '_core'):
+            module = 'numpy._core.' + module[len('numpy.core.') :]
+        return getattr(importlib.import_module(module), name)
+
+
+def _read_archive(path: Path) -> Dict[Any, Any]:
+    try:
+        with open(path, 'rb') as f:
+            data = _ArchiveUnpickler(f, encoding='bytes').load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise UserError(f'{path}: not a CIFAR python archive ({e})') from None
+    if not isinstance(data, dict):
+        raise UserError(f'{path}: not a CIFAR python archive (expected a dict)')
+    return data
+
+
+class CifarImages(LabelledImages):
+    """Python-pickle archives of CIFAR-10 (``cifar-10-batches-py/``) or CIFAR-100 (``cifar-100-python/``)."""
+
+    def __init__(self, root: Path, which: str, train: bool):
+        folder, train_files, test_files, meta_file, label_key, names_key = CIFAR_FILES[which]
+        root = Path(root)
+        base = root / folder if (root / folder).is_dir() else root
+        need = train_files + test_files + [meta_file]
+        missing = [f for f in need if not (base / f).is_file()]
+        if missing:
+            raise UserError(
+                f'{which} not found in {root}: put the python version of the archive there, unpacked, '
+                f'so that {root}/{folder}/ holds {", ".join(need)} '
+                f'(missing: {", ".join(missing)}; nothing is downloaded)'
+            )
+        meta = _read_archive(base / meta_file)
+        self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+        arrays, targets = [], []
+        for name in train_files if train else test_files:
+            batch = _read_archive(base / name)
+            try:
+                arrays.append(np.asarray(batch[b'data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                targets += [int(t) for t in batch[label_key]]
+            except (KeyError, ValueError) as e:
+                raise UserError(f'{base / name}: not a {which} archive ({e})') from None
+        self.data = np.concatenate(arrays).transpose(0, 2, 3, 1)  # NHWC for PIL
+        self.targets = targets
+        self._where = f'{base}/{"train" if train else "test"}'
+
+    def image(self, i: int) -> Image.Image:
+        return Image.fromarray(self.data[i])
+
+    def name(self, i: int) -> str:
+        return f'{self._where}#{i}'
+
+
+class DigitsImages(LabelledImages):
+    """scikit-learn's 8x8 handwritten digits (shipped inside scikit-learn), upsampled to ``size``.
+
+    A fixed stratified split keeps 20% of each class for validation (360 of 1797 images).
+    """
+
+    def __init__(self, train: bool, size: int = 32):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        idx = np.arange(len(digits.target))
+        train_idx, val_idx = train_test_split(
+            idx, test_size=DIGITS_VAL_FRACTION, stratify=digits.target, random_state=DIGITS_SPLIT_SEED
+        )
+        self.indices = np.sort(train_idx if train else val_idx)
+        self.classes = [str(d) for d in range(10)]
+        self.targets = [int(digits.target[i]) for i in self.indices]
+        # ink is bright: 0..16 -> 0..255, upsampled once with bicubic interpolation
+        pixels = (digits.images[self.indices] * (255.0 / 16.0)).round().astype(np.uint8)
+        self._images = [
+            Image.fromarray(p, mode='L').resize((size, size), Image.BICUBIC).convert('RGB') for p in pixels
+        ]
+        self._split = 'train' if train else 'val'
+
+    def image(self, i: int) -> Image.Image:
+        return self._images[i]
+
+    def name(self, i: int) -> str:
+        return f'digits/{self._split}#{int(self.indices[i])}'
+
+
+# -- augmentation under a per-image seed ------------------------------------------------------------
+@dataclass
+class Failed:
+    """An image that could not be read; the collate function drops it and reports the path."""
+
+    path: str
+    reason: str
+
+
+class AugmentedDataset(Dataset):
+    """``images`` through ``transform``; keys: ``index``, or ``(epoch, index)`` from :class:`EpochSampler`."""
+
+    def __init__(self, images: LabelledImages, transform: Callable, seed: int = 0):
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def classes(self) -> List[str]:
+        return self.images.classes
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        try:
+            img = self.images.image(i)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return Failed(self.images.name(i), f'{type(e).__name__}: {e}')
+        with _seeded(self.seed, epoch, i):
+            x = self.transform(img)
+        return x, self.images.targets[i]
+
+
+class _seeded:
+    """Seed python, numpy and torch's CPU generator for one image, then put the caller's states back."""
+
+    def __init__(self, seed: int, epoch: int, index: int):
+        self.value = ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2**63)
+
+    def __enter__(self):
+        self.saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        random.seed(self.value)
+        np.random.seed(self.value % (2**32))
+        torch.default_generator.manual_seed(self.value)
+
+    def __exit__(self, *exc):
+        py, npy, th = self.saved
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.default_generator.set_state(th)
+        return False
+
+
+def collate(items):
+    """Batch the readable images; return ``(images, targets, failed_paths)``."""
+    good = [it for it in items if not isinstance(it, Failed)]
+    failed = [it.path for it in items if isinstance(it, Failed)]
+    if not good:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long), failed
+    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.long), failed
+
+
+# -- samplers -----------------------------------------------------------------------------------------
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (``set_epoch`` each epoch) that can start an epoch part-way.
+
+    ``skip`` drops the first indices of this rank, the ones a resumed run already trained on; the
+    keys carry the epoch so that :class:`AugmentedDataset` seeds each image's augmentation.
+    With one process it is a seeded shuffle, the same permutation the ranks of a DDP run share.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip :]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class ShardSampler(Sampler):
+    """Evaluation shard of one rank: every image exactly once across ranks (no padding duplicates)."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, n, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: Sampler,
+    workers: int,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """A loader of ``(images, targets, failed_paths)`` batches.
+
+    Never more workers than CPU cores; a private generator, so that starting an epoch does not draw
+    from the global RNG (a resumed run's random streams stay those of an uninterrupted one).
+    """
+    workers = min(workers, os.cpu_count() or 1)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# -- picking the data a run asks for ---------------------------------------------------------------------
+def val_folder(root: Path) -> Optional[Path]:
+    for name in ('val', 'validation'):
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def training_images(
+    dataset: str, data: Optional[str], img_size: int
+) -> Tuple[LabelledImages, LabelledImages]:
+    """(train, val) images of a run; DATA problems are UserErrors naming the path and the fix."""
+    if dataset == 'digits':
+        return DigitsImages(train=True, size=img_size), DigitsImages(train=False, size=img_size)
+    root = Path(data)
+    if not root.exists():
+        raise UserError(f'{data}: no such folder')
+    if dataset in CIFAR_FILES:
+        return CifarImages(root, dataset, train=True), CifarImages(root, dataset, train=False)
+    if not (root / 'train').is_dir():
+        raise UserError(
+            f'{data}: no train folder in it (expected {data}/train/<class>/*.jpg and '
+            f'{data}/val/<class>/*.jpg)'
+        )
+    train = FolderImages(root / 'train', describe=f'{data}/train')
+    vf = val_folder(root)
+    if vf is None:
+        raise UserError(
+            f'{data}: no val folder in it (expected {data}/val/<class>/*.jpg beside {data}/train)'
+        )
+    val = FolderImages(vf, classes=train.classes, describe=f'{data}/{vf.name}')
+    return train, val
+
+
+def evaluation_images(
+    dataset: str, data: Optional[str], img_size: int, classes: Optional[Sequence[str]] = None
+) -> LabelledImages:
+    """Images to validate on: DATA/val (or DATA holding class folders), CIFAR test, digits val."""
+    if dataset == 'digits':
+        return DigitsImages(train=False, size=img_size)
+    root = Path(data)
+    if not root.exists():
+        raise UserError(f'{data}: no such folder')
+    if dataset in CIFAR_FILES:
+        return CifarImages(root, dataset, train=False)
+    vf = val_folder(root)
+    target = vf if vf is not None else root
+    describe = f'{data}/{vf.name}' if vf is not None else str(data)
+    if classes is not None:
+        found = scan_folder(target, describe)
+        if not set(found) <= set(classes):
+            if len(found) == len(classes):
+                classes = None  # folders named otherwise than the checkpoint's labels: use their sorted order
+    return FolderImages(target, classes=classes, describe=describe)
+
+
+def digits_samples(out_dir: Path, count: int = 8, size: int = 32) -> List[Tuple[Path, str]]:
+    """Write ``count`` held-out digits (one per class first) as PNG files; return (path, label) pairs."""
+    images = DigitsImages(train=False, size=size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen, seen = [], set()
+    for i, t in enumerate(images.targets):
+        if t not in seen:
+            chosen.append(i)
+            seen.add(t)
+        if len(chosen) == count:
+            break
+    written = []
+    for i in chosen:
+        label = images.classes[images.targets[i]]
+        path = out_dir / f'digit_{int(images.indices[i]):04d}_label_{label}.png'
+        images.image(i).save(path)
+        written.append((path, label))
+    return written
+
+
+# -- transforms (timm's and torchvision's building blocks) -----------------------------------------------
+def eval_transform(img_size: int, mean, std, crop_pct: float, interpolation: str):
+    """Resize by ``crop_pct``, center crop, normalize: timm's evaluation transform."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=(3, img_size, img_size),
+        is_training=False,
+        interpolation=interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
+        crop_pct=crop_pct,
+    )
+
+
+def train_transform(
+    augment: str,
+    img_size: int,
+    mean,
+    std,
+    interpolation: str,
+    *,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    color_jitter: float = 0.4,
+    auto_augment: Optional[str] = None,
+    train_interpolation: str = 'random',
+    reprob: float = 0.0,
+    remode: str = 'pixel',
+    crop_pct: float = 1.0,
+):
+    """``timm``: the reference ImageNet pipeline (random-resized crop, RandAugment, random erasing);
+    ``pad-crop``: the reference transfer pipeline (resize, padded random crop, flip);
+    ``none``: evaluation's."""
+    if augment == 'none':
+        return eval_transform(img_size, mean, std, crop_pct, interpolation)
+    if augment == 'pad-crop':
+        from timm.data.transforms import str_to_interp_mode
+        from torchvision import transforms as T
+
+        return T.Compose(
+            [
+                T.Resize(img_size, interpolation=str_to_interp_mode(interpolation)),
+                T.RandomCrop(img_size, padding=img_size // 8),
+                T.RandomHorizontalFlip(hflip),
+                T.ToTensor(),
+                T.Normalize(tuple(mean), tuple(std)),
+            ]
+        )
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=(3, img_size, img_size),
+        is_training=True,
+        scale=tuple(scale),
+        ratio=tuple(ratio),
+        hflip=hflip,
+        color_jitter=color_jitter,
+        auto_augment=auto_augment,
+        interpolation=train_interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
+        re_prob=reprob,
+        re_mode=remode,
+        re_count=1,
+    )

@@ -1,0 +1,284 @@
+"""The pieces a run is made of, built from its config with timm's factories.
+
+Model, weights, teacher, optimizer, schedule, losses, mixed precision: each turns the mistakes a
+user can make (a wrong name, a checkpoint of another model, an image size the T2T geometry
+cannot tile) into a :class:`~t2tvit.errors.UserError`.
+"""
+
+import contextlib
+import difflib
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import Checkpoint, load_checkpoint, model_args_from_checkpoint, read_checkpoint
+from ..errors import UserError
+from ..factory import UnknownModelError, create_model
+
+
+# -- models and weights --------------------------------------------------------------------------------
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A registered t2tvit model; bad names, sizes and keyword arguments become one-line errors."""
+    try:
+        return create_model(name, **kwargs)
+    except UserError:
+        raise
+    except UnknownModelError as e:
+        raise UserError(str(e)) from None
+    except (ValueError, AssertionError) as e:
+        size = kwargs.get('img_size')
+        what = f'--img-size {size}' if size is not None else f'model {name}'
+        raise UserError(f'{what}: {e}') from None
+    except TypeError as e:
+        raise UserError(f'model {name}: {e} (check model_kwargs)') from None
+
+
+def train_config(ckpt: Checkpoint) -> Dict[str, Any]:
+    """The run config saved in one of our training checkpoints ({} for other layouts)."""
+    if ckpt.layout != 'train':
+        return {}
+    return dict(torch.load(ckpt.path, map_location='cpu', weights_only=True).get('config') or {})
+
+
+def model_for_checkpoint(
+    name: Optional[str], path: str, img_size: Optional[int] = None
+) -> Tuple[nn.Module, Checkpoint, str]:
+    """A model carrying the checkpoint's weights (EMA when present), built as the checkpoint says."""
+    ckpt = read_checkpoint(path)
+    name, kwargs = model_args_from_checkpoint(ckpt, name, img_size=img_size)
+    model = build_model(name, **kwargs)
+    load_checkpoint(model, ckpt)
+    return model, ckpt, name
+
+
+def pretrained_arch(path: str, model_name: str) -> Tuple[Checkpoint, Dict[str, Any]]:
+    """The weights to fine-tune from, and their constructor arguments other than img_size / num_classes."""
+    ckpt = read_checkpoint(path)
+    _, kwargs = model_args_from_checkpoint(ckpt, model_name)
+    return ckpt, {k: v for k, v in kwargs.items() if k not in ('img_size', 'num_classes')}
+
+
+def transfer_weights(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Pretrained weights into ``model``: its new head stays as initialised, the position table is resized."""
+    import logging
+
+    logger = logging.getLogger('t2tvit.checkpoint')
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the new head is the point of fine-tuning: no warning about it
+    try:
+        load_checkpoint(model, ckpt)
+    finally:
+        logger.setLevel(level)
+
+
+def build_teacher(name: str, checkpoint: str, num_classes: int, device: torch.device) -> nn.Module:
+    """Any timm or t2tvit model in eval mode, weights from ``checkpoint`` (never downloaded)."""
+    import timm
+
+    from ..factory import list_models
+
+    if not Path(checkpoint).is_file():
+        raise UserError(f'--teacher-checkpoint {checkpoint}: no such file')
+    if name in list_models():
+        ckpt = read_checkpoint(checkpoint)
+        name, kwargs = model_args_from_checkpoint(ckpt, name)
+        teacher = build_model(name, **kwargs)
+        load_checkpoint(teacher, ckpt)
+    else:
+        known = timm.list_models()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f'; did you mean {", ".join(close)}?' if close else ''
+            raise UserError(f'--teacher {name}: unknown model{hint}')
+        teacher = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        try:
+            from timm.models import load_checkpoint as timm_load
+
+            timm_load(teacher, checkpoint, use_ema=True, strict=True)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(
+                f'--teacher-checkpoint {checkpoint} does not fit {name}: '
+                f'{str(e).strip().splitlines()[0][:200]}'
+            ) from None
+    if getattr(teacher, 'num_classes', num_classes) != num_classes:
+        raise UserError(
+            f'--teacher {name} predicts {teacher.num_classes} classes, the data has {num_classes}'
+        )
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
+
+
+# -- preprocessing -------------------------------------------------------------------------------------
+def data_settings(model: nn.Module, cfg) -> Dict[str, Any]:
+    """img_size, mean, std, crop_pct, interpolation: the config's where given, else the model's."""
+    from .config import CIFAR_MEAN, CIFAR_STD
+
+    pre = dict(getattr(model, 'pretrained_cfg', None) or {})
+    size = getattr(model, 'img_size', None) or pre.get('input_size', (3, 224, 224))[1:]
+    cifar = cfg.dataset in ('cifar10', 'cifar100')
+    return {
+        'img_size': int(size[0]) if isinstance(size, (tuple, list)) else int(size),
+        'mean': tuple(cfg.mean)
+        if cfg.mean
+        else (CIFAR_MEAN if cifar else tuple(pre.get('mean', (0.485, 0.456, 0.406)))),
+        'std': tuple(cfg.std)
+        if cfg.std
+        else (CIFAR_STD if cifar else tuple(pre.get('std', (0.229, 0.224, 0.225)))),
+        'crop_pct': float(cfg.crop_pct if cfg.crop_pct is not None else pre.get('crop_pct', 0.9)),
+        'interpolation': cfg.interpolation or pre.get('interpolation', 'bicubic'),
+    }
+
+
+# -- optimization ----------------------------------------------------------------------------------------
+def scaled_lr(lr: float, global_batch: int, base_size: int) -> float:
+    """The linear scaling rule of the reference recipe: lr is quoted for a global batch of ``base_size``."""
+    return lr * global_batch / base_size if base_size else lr
+
+
+def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    try:
+        if cfg.transfer_ratio is None:
+            return create_optimizer_v2(
+                model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+            )
+        # the reference transfer recipe: the new head at lr, everything pretrained at lr * transfer_ratio
+        head = [p for n, p in model.named_parameters() if n.startswith('head.') and p.requires_grad]
+        backbone = [p for n, p in model.named_parameters() if not n.startswith('head.') and p.requires_grad]
+        groups = [{'params': backbone, 'lr': lr * cfg.transfer_ratio}, {'params': head, 'lr': lr}]
+        return create_optimizer_v2(
+            groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        )
+    except (AssertionError, ValueError) as e:
+        raise UserError(f'--opt {cfg.opt}: {e}') from None
+
+
+def build_scheduler(optimizer, cfg, updates_per_epoch: int):
+    """timm's scheduler, per epoch as in the reference (or per step): (scheduler, epochs with cool-down)."""
+    from timm.scheduler import create_scheduler_v2
+
+    try:
+        return create_scheduler_v2(
+            optimizer,
+            sched=cfg.sched,
+            num_epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+            cooldown_epochs=cfg.cooldown_epochs,
+            step_on_epochs=not cfg.sched_on_updates,
+            updates_per_epoch=updates_per_epoch,
+        )
+    except (AssertionError, ValueError) as e:
+        raise UserError(f'--sched {cfg.sched}: {e}') from None
+
+
+def build_mixup(cfg, num_classes: int):
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        label_smoothing=cfg.smoothing,
+        num_classes=num_classes,
+    )
+
+
+def build_train_loss(cfg, mixup) -> nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup is not None:
+        return SoftTargetCrossEntropy()  # mixup's targets already carry the label smoothing
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+class DistillationLoss(nn.Module):
+    """(1 - alpha) * the base loss + alpha * the teacher term; the student has one head (no distill token).
+
+    soft: tau^2 * KL(teacher || student) on tau-softened distributions (Hinton et al.);
+    hard: cross-entropy against the teacher's argmax (DeiT's hard distillation).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        teacher: nn.Module,
+        mode: str,
+        alpha: float,
+        tau: float,
+        teacher_size: Optional[Tuple[int, int]] = None,
+    ):
+        super().__init__()
+        self.base = base
+        self.teacher = teacher
+        self.mode = mode
+        self.alpha = alpha
+        self.tau = tau
+        self.teacher_size = teacher_size
+
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        base = self.base(outputs, targets)
+        with torch.no_grad():
+            x = inputs
+            if self.teacher_size is not None and tuple(x.shape[-2:]) != tuple(self.teacher_size):
+                x = F.interpolate(x, size=self.teacher_size, mode='bicubic', align_corners=False)
+            teacher_out = self.teacher(x)
+        if self.mode == 'soft':
+            t = self.tau
+            kd = F.kl_div(
+                F.log_softmax(outputs.float() / t, dim=1),
+                F.log_softmax(teacher_out.float() / t, dim=1),
+                reduction='batchmean',
+                log_target=True,
+            ) * (t * t)
+        else:
+            kd = F.cross_entropy(outputs, teacher_out.argmax(dim=1))
+        return (1 - self.alpha) * base + self.alpha * kd
+
+
+def teacher_input_size(teacher: nn.Module) -> Optional[Tuple[int, int]]:
+    if getattr(teacher, 'dynamic_img_size', False):
+        return None
+    size = getattr(teacher, 'img_size', None)
+    if size is None:
+        pre = getattr(teacher, 'pretrained_cfg', None) or {}
+        if pre.get('fixed_input_size'):
+            size = pre.get('input_size', (3, 224, 224))[1:]
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+
+
+# -- mixed precision ---------------------------------------------------------------------------------------
+def autocast_setup(
+    device: torch.device, amp: Optional[bool], amp_dtype: str
+) -> Tuple[Callable[[], Any], Optional[torch.dtype], Optional[Any]]:
+    """(autocast context factory, dtype or None for fp32, GradScaler for fp16 on CUDA or None).
+
+    ``amp=None`` means autocast on CUDA and fp32 elsewhere; bfloat16 where the device supports it.
+    """
+    enabled = (device.type == 'cuda') if amp is None else amp
+    if not enabled:
+        return contextlib.nullcontext, None, None
+    if amp_dtype == 'auto':
+        if device.type == 'cuda':
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.bfloat16
+    else:
+        dtype = getattr(torch, amp_dtype)
+    if device.type not in ('cuda', 'cpu', 'xpu', 'mps'):
+        return contextlib.nullcontext, None, None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == 'cuda' else None
+    return (lambda: torch.autocast(device_type=device.type, dtype=dtype)), dtype, scaler

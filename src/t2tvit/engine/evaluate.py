@@ -1,0 +1,252 @@
+"""Evaluation (top-1, top-5, loss, throughput; sums all-reduced across ranks) and prediction."""
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import UserError
+from .distributed import DistEnv, all_reduce
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    *,
+    env: Optional[DistEnv] = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    progress: bool = False,
+    desc: str = 'val',
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Optional[Dict[str, Any]]:
+    """Cross-entropy, top-1/top-5 (%) over every image of the loader's dataset (all ranks together).
+
+    Returns None when ``should_stop`` turns true part-way (an interrupted run re-evaluates on resume).
+    """
+    env = env or DistEnv(device=device)
+    model.eval()
+    # loss, top1, top5, images, failed images, stopped: one all-reduce at the end (shards differ in length)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    failed: List[str] = []
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and env.is_main), dynamic_ncols=True)
+    for images, targets, bad in bar:
+        sums[4] += len(bad)
+        failed += bad[: max(0, 5 - len(failed))]
+        if images.numel():
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast():
+                logits = model(images)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            hit = logits.topk(k, dim=1).indices.eq(targets[:, None])
+            sums[:4] += torch.stack(
+                [
+                    F.cross_entropy(logits, targets, reduction='sum'),
+                    hit[:, :1].sum(),
+                    hit.sum(),
+                    torch.tensor(float(len(targets)), device=device),
+                ]
+            ).double()
+        if should_stop():
+            sums[5] = 1
+            break
+    bar.close()
+    all_reduce(sums, env)
+    if sums[5].item():
+        return None
+    seconds = time.perf_counter() - start
+    n = sums[3].item()
+    return {
+        'loss': sums[0].item() / max(n, 1),
+        'top1': 100.0 * sums[1].item() / max(n, 1),
+        'top5': 100.0 * sums[2].item() / max(n, 1),
+        'images': int(n),
+        'img_per_s': n / seconds if seconds > 0 else 0.0,
+        'seconds': seconds,
+        'failed': failed,
+        'failed_count': int(sums[4].item()),
+    }
+
+
+def check_failures(failed_count: int, total: int, first: Sequence[str], where: str) -> Optional[str]:
+    """A report line for skipped images; a UserError when more than 1% of them failed."""
+    if not failed_count:
+        return None
+    names = ', '.join(first[:3])
+    if failed_count > 0.01 * total:
+        raise UserError(
+            f'{failed_count} of {total} {where} images failed to decode (more than 1%), '
+            f'first: {names}; fix or remove them'
+        )
+    return f'skipped {failed_count} {where} image(s) that failed to decode (first: {names})'
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    paths: Sequence[str],
+    transform,
+    class_names: Sequence[str],
+    device: torch.device,
+    topk: int = 5,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> List[Dict[str, Any]]:
+    """Top-k classes with probabilities for each image file (RGB conversion of any PIL mode)."""
+    from ..data import load_image
+
+    model.eval()
+    results = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f'{path}: no such image file')
+        try:
+            img = load_image(str(path))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise UserError(f'{path}: cannot decode the image ({type(e).__name__})') from None
+        x = transform(img).unsqueeze(0).to(device)
+        with autocast():
+            logits = model(x)
+        probs = logits.float().softmax(dim=1)[0]
+        k = min(topk, probs.numel())
+        p, idx = probs.topk(k)
+        results.append(
+            {
+                'image': str(path),
+                'top': [
+                    {
+                        'class': class_names[i] if i < len(class_names) else str(i),
+                        'index': int(i),
+                        'prob': float(q),
+                    }
+                    for q, i in zip(p.tolist(), idx.tolist())
+                ],
+            }
+        )
+    return results
+
+
+# -- the validate and predict commands ---------------------------------------------------------------------
+def _preprocessing(model: nn.Module, cfg: Dict[str, Any], crop_pct: Optional[float]) -> Dict[str, Any]:
+    """A training run's own preprocessing (its mean/std may be CIFAR's), else the model's defaults."""
+    pre = dict(getattr(model, 'pretrained_cfg', None) or {})
+    size = getattr(model, 'img_size', None) or pre['input_size'][1:]
+    return {
+        'img_size': int(size[0]) if isinstance(size, (tuple, list)) else int(size),
+        'mean': tuple(cfg.get('mean') or pre.get('mean')),
+        'std': tuple(cfg.get('std') or pre.get('std')),
+        'crop_pct': float(
+            crop_pct if crop_pct is not None else cfg.get('crop_pct') or pre.get('crop_pct', 0.9)
+        ),
+        'interpolation': cfg.get('interpolation') or pre.get('interpolation', 'bicubic'),
+    }
+
+
+def _class_names(model: nn.Module, ckpt, descriptions: bool = False) -> Optional[List[str]]:
+    if ckpt.class_names:
+        return list(ckpt.class_names)
+    if getattr(model, 'num_classes', 0) == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return info.label_descriptions() if descriptions else info.label_names()
+    return None
+
+
+def validate(
+    checkpoint: str,
+    model_name: Optional[str] = None,
+    data: Optional[str] = None,
+    dataset: Optional[str] = None,
+    img_size: Optional[int] = None,
+    crop_pct: Optional[float] = None,
+    batch_size: int = 100,
+    amp: Optional[bool] = None,
+    workers: int = 4,
+    device: Optional[str] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """top-1/top-5/loss of a checkpoint (EMA weights when it has them) on DATA/val, CIFAR test or digits val.
+
+    Without DATA, the data the checkpoint was trained on (recorded in our checkpoints) is used.
+    """
+    from .. import data as D
+    from .builders import autocast_setup, model_for_checkpoint, train_config
+    from .distributed import init_distributed, shutdown
+
+    env = init_distributed(device)
+    try:
+        model, ckpt, model_name = model_for_checkpoint(model_name, checkpoint, img_size)
+        trained_on = train_config(ckpt)
+        if data is None and dataset is None:
+            if not trained_on.get('dataset'):
+                raise UserError(f'no DATA given and {checkpoint} does not record its data: give DATA')
+            dataset, data = trained_on['dataset'], trained_on.get('data')
+        dataset = dataset or ('folder' if data else 'digits')
+        pre = _preprocessing(model, trained_on, crop_pct)
+        classes = _class_names(model, ckpt)
+        images = D.evaluation_images(dataset, data, pre['img_size'], classes)
+        if len(images.classes) > model.num_classes:
+            raise UserError(
+                f'{data}: {len(images.classes)} classes but the checkpoint predicts {model.num_classes}'
+            )
+        ds = D.AugmentedDataset(
+            images,
+            D.eval_transform(pre['img_size'], pre['mean'], pre['std'], pre['crop_pct'], pre['interpolation']),
+        )
+        loader = D.make_loader(
+            ds,
+            batch_size,
+            D.ShardSampler(len(ds), env.world_size, env.rank),
+            workers,
+            pin_memory=env.device.type == 'cuda',
+        )
+        autocast, _, _ = autocast_setup(env.device, amp, 'auto')
+        model.to(env.device)
+        metrics = evaluate(
+            model, loader, env.device, env=env, autocast=autocast, progress=progress, desc='validate'
+        )
+        note = check_failures(metrics['failed_count'], len(ds), metrics['failed'], 'validation')
+        metrics.update(
+            model=model_name,
+            checkpoint=str(checkpoint),
+            img_size=pre['img_size'],
+            crop_pct=pre['crop_pct'],
+            note=note,
+            is_main=env.is_main,
+        )
+        return metrics
+    finally:
+        shutdown(env)
+
+
+def predict_files(
+    paths: Sequence[str],
+    checkpoint: str,
+    model_name: Optional[str] = None,
+    img_size: Optional[int] = None,
+    topk: int = 5,
+    device: Optional[str] = None,
+) -> List[Dict[str, Any]]:
+    """Top-k classes of each image file; names from the checkpoint's data or ImageNet's for 1000 classes."""
+    from .. import data as D
+    from .builders import model_for_checkpoint, train_config
+    from .distributed import pick_device
+
+    model, ckpt, _ = model_for_checkpoint(model_name, checkpoint, img_size)
+    pre = _preprocessing(model, train_config(ckpt), None)
+    names = _class_names(model, ckpt, descriptions=True) or [str(i) for i in range(model.num_classes)]
+    dev = pick_device(device)
+    model.to(dev)
+    transform = D.eval_transform(
+        pre['img_size'], pre['mean'], pre['std'], pre['crop_pct'], pre['interpolation']
+    )
+    return predict(model, paths, transform, names, dev, topk=topk)

@@ -1,0 +1,114 @@
+"""DDP under torchrun on CPU (gloo): 2 processes give the weights of 1 process with the same global batch."""
+
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import (
+    QUICK,
+    TINY,
+    assert_same_tensors,
+    free_port,
+    load,
+    run_cli,
+    subprocess_env,
+    write_folder,
+)
+
+# no randomness that depends on the process: no augmentation, mixup, drop-path or dropout
+# (a Transformer T2T: the Performer's fixed dropout would draw per rank)
+DETERMINISTIC = [
+    '--augment',
+    'none',
+    '--mixup',
+    '0',
+    '--cutmix',
+    '0',
+    '--drop-path',
+    '0',
+    '--smoothing',
+    '0.1',
+    '--model-kwargs',
+    'embed_dim=32',
+    'depth=1',
+    'num_heads=2',
+    'token_dim=16',
+    'token_mixer=transformer',
+]
+
+
+def _torchrun(args, cwd, nproc=2):
+    cmd = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--nproc_per_node',
+        str(nproc),
+        '--master_port',
+        str(free_port()),
+        '-m',
+        't2tvit',
+        *args,
+    ]
+    return subprocess.run(
+        cmd, check=False, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp('data') / 'shapes', train=8, val=3)
+
+
+def _args(folder, out, batch):
+    tiny = [a for a in TINY if a not in TINY[2:]]  # --model only; the kwargs come with DETERMINISTIC
+    return [
+        'train',
+        str(folder),
+        *tiny,
+        *QUICK,
+        *DETERMINISTIC,
+        '--epochs',
+        '1',
+        '-b',
+        str(batch),
+        '--lr',
+        '1e-3',
+        '--model-ema-decay',
+        '0.9',
+        '--output',
+        str(out),
+    ]
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(folder, tmp_path):
+    single = run_cli(_args(folder, tmp_path / 'single', 8), cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _torchrun(_args(folder, tmp_path / 'ddp', 4), cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # rank 0 alone speaks: one start line, one epoch line
+    assert ddp.stdout.count('training t2t_vit_7_32') == 1 and ddp.stdout.count('epoch 1/1') == 1
+    assert '2 process(es) x batch 4' in ddp.stdout
+    a, b = load(tmp_path / 'single' / 'last.pth'), load(tmp_path / 'ddp' / 'last.pth')
+    assert a['step'] == b['step'] == 24 // 8
+    assert_same_tensors(a['model'], b['model'], exact=False, atol=1e-6, rtol=1e-5, where='model')
+    assert_same_tensors(a['ema'], b['ema'], exact=False, atol=1e-6, rtol=1e-5, where='ema')
+    assert b['rng']['world_size'] == 2 and len(b['rng']['ranks']) == 2
+    # the all-reduced evaluation sees all 9 val images exactly once
+    rows_a = (tmp_path / 'single' / 'metrics.csv').read_text().splitlines()[1].split(',')
+    rows_b = (tmp_path / 'ddp' / 'metrics.csv').read_text().splitlines()[1].split(',')
+    assert rows_a[4] == rows_b[4]  # top1
+
+
+@pytest.mark.slow
+def test_ddp_resume_matches_an_uninterrupted_ddp_run(folder, tmp_path):
+    args = _args(folder, tmp_path / 'a', 4)
+    args[args.index('--epochs') + 1] = '2'
+    assert _torchrun(args, cwd=tmp_path).returncode == 0
+    split = [a if a != str(tmp_path / 'a') else str(tmp_path / 'b') for a in args]
+    assert _torchrun(split + ['--stop-after-epochs', '1'], cwd=tmp_path).returncode == 0
+    assert _torchrun(split + ['--resume', 'auto'], cwd=tmp_path).returncode == 0
+    a, b = load(tmp_path / 'a' / 'last.pth'), load(tmp_path / 'b' / 'last.pth')
+    assert_same_tensors(a['model'], b['model'], where='model')
+    assert_same_tensors(a['optimizer'], b['optimizer'], where='optimizer')
