@@ -490,7 +490,7 @@ def train_transform(
         )
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size=(3, img_size, img_size),
         is_training=True,
         scale=tuple(scale),
@@ -505,3 +505,26 @@ def train_transform(
         re_mode=remode,
         re_count=1,
     )
+    _posterize_zero_bits(transform)
+    return transform
+
+
+def _posterize_keep_zero(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, also for 0 bits kept: a black image, as Pillow gave before it refused 0."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_zero_bits(transform) -> None:
+    """RandAugment at magnitude 10 (reached with ``mstd``) asks 'PosterizeIncreasing' to keep 0 bits,
+    which Pillow >= 11 rejects with a ValueError; the reference's Pillow returned a black image."""
+    for t in getattr(transform, 'transforms', []):
+        ops = list(getattr(t, 'ops', []) or [])
+        for sub in getattr(t, 'policy', []) or []:
+            ops += list(sub)
+        for op in ops:
+            if getattr(op, 'name', '').startswith('Posterize'):
+                op.aug_fn = _posterize_keep_zero

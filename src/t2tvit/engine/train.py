@@ -44,14 +44,17 @@ MAX_NONFINITE_IN_ROW = 20
 class Interrupted(Exception):
     """SIGINT/SIGTERM: ``last.pth`` holds the state at the end of the last step; exit 128 + signal."""
 
-    def __init__(self, signum: int, checkpoint: Path, epoch: int, batches_done: int):
+    def __init__(self, signum: int, checkpoint: Path, epoch: int, batches_done: Optional[int]):
+        """``batches_done`` of epoch ``epoch`` (0-based); None: stopped between epochs, ``epoch`` of them done."""
         self.signum = signum
         self.exit_code = 128 + signum
         self.checkpoint = checkpoint
-        super().__init__(
-            f'interrupted by {signal.Signals(signum).name} in epoch {epoch + 1}'
-            f'{f" after {batches_done} batches" if batches_done else ""}: state saved to {checkpoint}'
-        )
+        name = signal.Signals(signum).name
+        if batches_done is None:
+            where = f'after epoch {epoch}'
+        else:
+            where = f'in epoch {epoch + 1}' + (f' after {batches_done} batches' if batches_done else '')
+        super().__init__(f'interrupted by {name} {where}: state saved to {checkpoint}')
 
 
 class TrainingDiverged(UserError):
@@ -350,6 +353,7 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
         model_kwargs=arch,
     )
     config = cfg.to_dict()
+    config.update(resume=None, overwrite=False)  # what this invocation did, not part of the run
 
     train_ds = D.AugmentedDataset(
         train_images,
@@ -626,7 +630,7 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
             result = FitResult(out, state.epoch, total_epochs, state.best_metric, state.best_epoch, row)
             epochs_this_run += 1
             if signals.signum:
-                raise Interrupted(signals.signum, out / 'last.pth', state.epoch, 0)
+                raise Interrupted(signals.signum, out / 'last.pth', state.epoch, None)
             if (
                 cfg.stop_after_epochs
                 and epochs_this_run >= cfg.stop_after_epochs
