@@ -196,7 +196,8 @@ def test_undecodable_images_are_dropped_from_the_batch_and_reported(tmp_path):
 
 def test_randaugment_at_full_magnitude_never_fails():
     # magnitude 10 makes 'PosterizeIncreasing' keep 0 bits, which Pillow >= 11 refuses
-    t = D.train_transform('timm', 32, (0.5,) * 3, (0.5,) * 3, 'bicubic', auto_augment='rand-m10-n6-mstd0-inc1')
+    t = D.train_transform('timm', 32, (0.5,) * 3, (0.5,) * 3, 'bicubic',
+                          auto_augment='rand-m10-n6-mstd0-inc1')
     img = Image.new('RGB', (32, 32), (120, 200, 40))
     for seed in range(30):
         random.seed(seed)

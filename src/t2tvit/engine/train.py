@@ -45,7 +45,7 @@ class Interrupted(Exception):
     """SIGINT/SIGTERM: ``last.pth`` holds the state at the end of the last step; exit 128 + signal."""
 
     def __init__(self, signum: int, checkpoint: Path, epoch: int, batches_done: Optional[int]):
-        """``batches_done`` of epoch ``epoch`` (0-based); None: stopped between epochs, ``epoch`` of them done."""
+        """``batches_done`` of (0-based) ``epoch``; None: stopped between epochs, ``epoch`` of them done."""
         self.signum = signum
         self.exit_code = 128 + signum
         self.checkpoint = checkpoint
