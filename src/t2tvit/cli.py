@@ -179,6 +179,10 @@ def _fit(command: str, args) -> int:
         if _quiet_rank():
             return UserError.exit_code
         raise
+    except KeyboardInterrupt:
+        if not _quiet_rank():
+            print(f't2tvit {command}: interrupted before training started; nothing was saved', file=sys.stderr)
+        return 130
     except Interrupted as e:
         if not _quiet_rank():
             print(f't2tvit {command}: {e}', file=sys.stderr)
