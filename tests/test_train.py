@@ -265,8 +265,9 @@ def test_resume_after_an_epoch_is_bit_identical(folder, tmp_path):
     ]
 
 
-def test_sigterm_mid_epoch_saves_and_resume_matches(folder, tmp_path):
+def test_sigterm_mid_epoch_saves_and_resume_matches(tmp_path):
     """SIGTERM: last.pth at the end of the current step, exit 143, a resume line; the resumed run is exact."""
+    folder = write_folder(tmp_path / 'data', train=40, val=2)  # 60 steps of batch 2 per epoch
     args = [
         'train',
         str(folder),
@@ -310,14 +311,14 @@ def test_sigterm_mid_epoch_saves_and_resume_matches(folder, tmp_path):
     deadline = time.time() + 120
     while not any(line.startswith('training ') for line in lines) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.4)  # a few steps into the first epoch (12 steps of batch 2)
+    time.sleep(0.3)  # a few steps into the first epoch
     proc.send_signal(signal.SIGTERM)
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 143, stderr[-2000:]
     assert 'Traceback' not in stderr
     assert 'resume with:' in stderr and '--resume auto' in stderr
     ckpt = load(out / 'last.pth')
-    assert 0 < ckpt['step'] < 24
+    assert ckpt['epoch'] == 0 and 0 < ckpt['progress']['batches_done'] < 60  # mid-epoch
 
     resumed = subprocess.run(
         [sys.executable, '-m', 't2tvit', *args, '--output', str(out), '--resume', 'auto'],
