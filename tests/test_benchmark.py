@@ -47,7 +47,7 @@ def test_train_and_low_precision_json(capsys, flags):
 def test_human_readable_report(capsys):
     assert main(['benchmark', *SMALL, '--no-memory']) == 0
     out = capsys.readouterr().out
-    assert 'img/s' in out and 'matmul peak' in out
+    assert 'img/s' in out and 'matmul rate' in out
 
 
 def test_pairs_alternate_and_report_a_speedup():

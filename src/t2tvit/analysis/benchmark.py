@@ -13,7 +13,8 @@ steps give the median ms/step and img/s. The other figures:
   times the batch, times 3 for a training step (backward costs two forwards), over the
   median step time.
 - ``matmul_peak_gflops``: the best rate of large square matmuls in the step's dtype on the
-  same device, measured in the same run, so the model's rate can be read as a fraction of it.
+  same device, measured between the timed steps of the same run; ``peak_fraction`` pairs
+  each step with the matmul burst after it, so a busy moment of the machine slows both.
 
 ``run_pair`` times two configurations step by step in turn (A, B, A, B, ...) so that
 drift of a shared machine lands on both; ``benchmarks/compare.py`` builds its table on it.
@@ -74,7 +75,7 @@ class BenchmarkResult:
     img_size: int
     step_ms: list[float]
     flops_per_step: float
-    matmul_peak_gflops: float
+    matmul_gflops: list[float]  # one matmul burst after each timed step
     peak_mem_mb: float | None = None
     first_step_s: float = 0.0  # includes compilation when config.compile
     extra: dict[str, float] = field(default_factory=dict)
@@ -90,6 +91,16 @@ class BenchmarkResult:
     @property
     def gflops_per_s(self) -> float:
         return self.flops_per_step / (self.ms_per_step / 1e3) / 1e9
+
+    @property
+    def matmul_peak_gflops(self) -> float:
+        return max(self.matmul_gflops)
+
+    @property
+    def peak_fraction(self) -> float:
+        """The model's rate over the matmul rate, step by step (median over the timed steps)."""
+        return statistics.median(self.flops_per_step / (ms / 1e3) / 1e9 / peak
+                                 for ms, peak in zip(self.step_ms, self.matmul_gflops))
 
     @property
     def compile_s(self) -> float:
@@ -257,14 +268,14 @@ def peak_mem_mb(cfg: BenchmarkConfig, timeout_s: float = 1800) -> float:
 
 
 # -- runs ------------------------------------------------------------------------------------------
-def _result(runner: StepRunner, step_s: list[float], first_s: float, peak_gflops: float,
+def _result(runner: StepRunner, step_s: list[float], first_s: float, matmul_gflops: list[float],
             flops: float | None = None) -> BenchmarkResult:
     cfg = runner.cfg
     per_image = flops if flops is not None else forward_flops(cfg.model, runner.img_size)
     result = BenchmarkResult(
         config=cfg, img_size=runner.img_size, step_ms=[s * 1e3 for s in step_s],
         flops_per_step=per_image * cfg.batch * (3 if cfg.mode == 'train' else 1),
-        matmul_peak_gflops=peak_gflops, first_step_s=first_s)
+        matmul_gflops=matmul_gflops, first_step_s=first_s)
     if getattr(runner, 'last_loss', None) is not None:
         result.extra['last_loss'] = float(runner.last_loss)
     return result
@@ -277,12 +288,28 @@ def _warm(runner: StepRunner) -> float:
     return first
 
 
+def _alternate(runners: list, steps: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Rounds of one timed step of each runner in turn, then a matmul burst in each runner's dtype."""
+    times: list[list[float]] = [[] for _ in runners]
+    matmul: list[list[float]] = [[] for _ in runners]
+    for _ in range(steps):
+        for i, runner in enumerate(runners):
+            times[i].append(runner.timed_step())
+        rates: dict[tuple[str, str], float] = {}
+        for i, runner in enumerate(runners):
+            key = (runner.cfg.dtype, runner.cfg.device)
+            if key not in rates:
+                rates[key] = matmul_peak_gflops(*key, budget_s=0.3)
+            matmul[i].append(rates[key])
+    return times, matmul
+
+
 def run_benchmark(cfg: BenchmarkConfig, memory: bool = True) -> BenchmarkResult:
-    """Warm up, time ``cfg.steps`` steps, measure the matmul peak and (optionally) the step's peak memory."""
+    """Warm up, time ``cfg.steps`` steps (each followed by a matmul burst), measure the step's peak memory."""
     runner = StepRunner(cfg)
     first = _warm(runner)
-    times = [runner.timed_step() for _ in range(cfg.steps)]
-    result = _result(runner, times, first, matmul_peak_gflops(cfg.dtype, cfg.device))
+    (times,), (matmul,) = _alternate([runner], cfg.steps)
+    result = _result(runner, times, first, matmul)
     del runner
     if memory:
         result.peak_mem_mb = peak_mem_mb(cfg)
@@ -293,13 +320,8 @@ def run_pair(a: BenchmarkConfig, b: BenchmarkConfig, memory: bool = True) -> tup
     """Both configurations in this process, timed in turn step by step (A, B, A, B, ...)."""
     ra, rb = StepRunner(a), StepRunner(b)
     first_a, first_b = _warm(ra), _warm(rb)
-    ta, tb = [], []
-    for _ in range(max(a.steps, b.steps)):
-        ta.append(ra.timed_step())
-        tb.append(rb.timed_step())
-    peak_a = matmul_peak_gflops(a.dtype, a.device)
-    peak_b = peak_a if (b.dtype, b.device) == (a.dtype, a.device) else matmul_peak_gflops(b.dtype, b.device)
-    res_a, res_b = _result(ra, ta, first_a, peak_a), _result(rb, tb, first_b, peak_b)
+    (ta, tb), (ma, mb) = _alternate([ra, rb], max(a.steps, b.steps))
+    res_a, res_b = _result(ra, ta, first_a, ma), _result(rb, tb, first_b, mb)
     del ra, rb
     if memory:
         res_a.peak_mem_mb, res_b.peak_mem_mb = peak_mem_mb(a), peak_mem_mb(b)
@@ -344,13 +366,9 @@ def run_onnxruntime_pair(cfg: BenchmarkConfig) -> tuple[BenchmarkResult, Benchma
     with tempfile.TemporaryDirectory() as tmp:
         ort_runner = OnnxRuntimeRunner(runner, tmp)
         first_t, first_o = _warm(runner), _warm(ort_runner)
-        tt, to = [], []
-        for _ in range(cfg.steps):
-            tt.append(runner.timed_step())
-            to.append(ort_runner.timed_step())
-    peak = matmul_peak_gflops(cfg.dtype, cfg.device)
+        (tt, to), (mt, mo) = _alternate([runner, ort_runner], cfg.steps)
     flops = forward_flops(cfg.model, runner.img_size)
-    return _result(runner, tt, first_t, peak, flops), _result(runner, to, first_o, peak, flops)
+    return _result(runner, tt, first_t, mt, flops), _result(runner, to, first_o, mo, flops)
 
 
 @torch.no_grad()
@@ -375,11 +393,12 @@ def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
     options = (' compiled' if c.compile else '') + (' grad-checkpointing' if c.grad_checkpointing else '')
-    fraction = r.gflops_per_s / r.matmul_peak_gflops
+    fraction = r.peak_fraction
     lines = [
         f'{c.model} {c.mode} batch {c.batch} {r.img_size}px {c.dtype} attn={c.attn}{options} on {c.device}',
         f'  {r.img_per_s:.2f} img/s  {r.ms_per_step:.1f} ms/step (median of {len(r.step_ms)})  peak memory {mem}',
-        f'  {r.gflops_per_s:.1f} GFLOP/s = {fraction:.0%} of the {r.matmul_peak_gflops:.1f} GFLOP/s {c.dtype} matmul peak',
+        (f'  {r.gflops_per_s:.1f} GFLOP/s, {fraction:.0%} of the {c.dtype} matmul rate measured between steps '
+        f'(peak {r.matmul_peak_gflops:.1f} GFLOP/s)'),
     ]
     if c.compile:
         lines.append(f'  compile: {r.compile_s:.1f} s (first step {r.first_step_s:.1f} s)')
