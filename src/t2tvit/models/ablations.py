@@ -64,11 +64,10 @@ from typing import Any
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models import register_model
 from torch import nn
 
 from ..layers.attention import Attention, scaled_attention
-from .t2t_vit import Block, T2TViT, create_t2t_vit, default_cfg_for
+from .t2t_vit import Block, T2TViT, default_cfg_for, register_models
 
 __all__ = [
     'MODEL_CONFIGS',
@@ -375,17 +374,5 @@ PAPER_RESULTS: dict[str, tuple[float | None, float | None, float | None]] = {
 default_cfgs = {name: default_cfg_for(name, cfg) for name, cfg in MODEL_CONFIGS.items()}
 
 
-def _entry(name: str):
-    def fn(pretrained: bool = False, **kwargs) -> T2TViT:
-        return create_t2t_vit(name, pretrained=pretrained, model_cls=MODEL_CLASSES.get(name, T2TViT),
-                              configs=MODEL_CONFIGS, **kwargs)
-    fn.__name__ = name
-    fn.__qualname__ = name
-    fn.__module__ = __name__
-    fn.__doc__ = f'{name}: {MODEL_CONFIGS[name]}'
-    return fn
-
-
 # one loop registers every model of the table (timm reads ``default_cfgs`` above)
-for _name in MODEL_CONFIGS:
-    globals()[_name] = register_model(_entry(_name))
+register_models(__name__, MODEL_CONFIGS, MODEL_CLASSES)

@@ -20,6 +20,7 @@ numbers of a released checkpoint:
 - the forward returns timm's contract: ``forward_features`` gives all tokens,
   ``forward_head`` takes the class token.
 """
+import sys
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -388,16 +389,28 @@ def create_t2t_vit(variant: str, pretrained: bool = False, model_cls=T2TViT,
     )
 
 
-def _entry(name: str):
+def _entry_point(name: str, configs: dict[str, dict[str, Any]], model_cls: type[T2TViT]):
     def fn(pretrained: bool = False, **kwargs) -> T2TViT:
-        return create_t2t_vit(name, pretrained=pretrained, **kwargs)
-    fn.__name__ = name
-    fn.__qualname__ = name
-    fn.__module__ = __name__
-    fn.__doc__ = f'{name}: {MODEL_CONFIGS[name]}'
+        return create_t2t_vit(name, pretrained=pretrained, model_cls=model_cls, configs=configs, **kwargs)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = f'{name}: {configs[name]}'
     return fn
 
 
+def register_models(module_name: str, configs: dict[str, dict[str, Any]],
+                    model_classes: dict[str, type[T2TViT]] | None = None) -> None:
+    """Register one timm entry point per entry of ``configs`` (class ``T2TViT`` unless ``model_classes`` names one).
+
+    timm files each model under the module its entry point claims (``timm.list_models(module=...)``) and takes
+    its pretrained config from that module's ``default_cfgs``, so the entry points become functions of
+    ``module_name``, the module that holds the table.
+    """
+    module = sys.modules[module_name]
+    for name in configs:
+        fn = _entry_point(name, configs, (model_classes or {}).get(name, T2TViT))
+        fn.__module__ = module_name
+        setattr(module, name, register_model(fn))
+
+
 # one loop registers every variant of the table (timm reads ``default_cfgs`` above)
-for _name in MODEL_CONFIGS:
-    globals()[_name] = register_model(_entry(_name))
+register_models(__name__, MODEL_CONFIGS)
