@@ -91,9 +91,10 @@ SIMILAR_TOLERANCE = 1.0  # top-1 points
 # one recipe for every model: AdamW + cosine as the paper, no mixup/EMA at this scale, small shifts
 # (the schedule steps per epoch, so a warm-up epoch would be an epoch at warmup_lr: none at this length)
 RECIPE: dict[str, Any] = {
-    'opt': 'adamw', 'lr': 1e-3, 'lr_base_size': 0, 'weight_decay': 0.05, 'batch_size': 64, 'sched': 'cosine', 'warmup_epochs': 0,
-    'min_lr': 1e-5, 'cooldown_epochs': 0, 'augment': 'pad-crop', 'hflip': 0.0, 'auto_augment': None, 'mixup': 0.0, 'cutmix': 0.0,
-    'smoothing': 0.1, 'reprob': 0.0, 'drop_rate': 0.0, 'drop_path': 0.0, 'model_ema': False, 'workers': 0, 'progress': False,
+    'opt': 'adamw', 'lr': 1e-3, 'lr_base_size': 0, 'weight_decay': 0.05, 'batch_size': 64, 'sched': 'cosine',
+    'warmup_epochs': 0, 'min_lr': 1e-5, 'cooldown_epochs': 0, 'augment': 'pad-crop', 'hflip': 0.0,
+    'auto_augment': None, 'mixup': 0.0, 'cutmix': 0.0, 'smoothing': 0.1, 'reprob': 0.0, 'drop_rate': 0.0,
+    'drop_path': 0.0, 'model_ema': False, 'workers': 0, 'progress': False,
     'overwrite': True,
 }
 DEFAULT_SEEDS = 3

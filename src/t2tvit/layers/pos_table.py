@@ -16,7 +16,8 @@ def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
     """The reference sinusoid table, computed in float64 and returned as float32 (1, N, dim)."""
     position = torch.arange(num_positions, dtype=torch.float64)[:, None]
     j = torch.arange(dim, dtype=torch.float64)[None, :]
-    angle = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64), 2 * torch.div(j, 2, rounding_mode='floor') / dim)
+    exponent = 2 * torch.div(j, 2, rounding_mode='floor') / dim
+    angle = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponent)
     table = torch.empty_like(angle)
     table[:, 0::2] = torch.sin(angle[:, 0::2])
     table[:, 1::2] = torch.cos(angle[:, 1::2])
