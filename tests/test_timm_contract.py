@@ -72,19 +72,31 @@ def test_backward_reaches_every_trainable_parameter():
     assert frozen == {'pos_embed', 'tokens_to_token.attention1.w', 'tokens_to_token.attention2.w'}
 
 
-def test_grad_checkpointing_gives_the_same_outputs_and_grads():
+@pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14', 't2t_vit_14_wo_t2t'])
+def test_grad_checkpointing_gives_the_same_outputs_and_grads(name):
     x = _x()
     outs = []
-    for enable in (False, True):
-        model = _model().train()
+    for enable in (False, True, 'selective'):
+        torch.manual_seed(0)
+        model = t2tvit.create_model(name, img_size=x.shape[-1], drop_path_rate=0.1).train()
         model.set_grad_checkpointing(enable)
-        torch.manual_seed(3)  # the Performer layers keep the reference's dropout 0.1 in training
+        torch.manual_seed(3)  # dropout (the Performer keeps the reference's 0.1) and drop-path are replayed
         y = model(x)
         y.square().mean().backward()
-        outs.append((y.detach(), model.blocks[0].attn.qkv.weight.grad.clone(),
-                     model.tokens_to_token.attention1.kqv.weight.grad.clone()))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
+        outs.append([y.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_grad_checkpointing_mode_is_checked():
+    model = _model()
+    with pytest.raises(ValueError, match='selective'):
+        model.set_grad_checkpointing('everything')
+    model.set_grad_checkpointing('selective')
+    assert model.grad_checkpointing and model.tokens_to_token.checkpoint_selective
+    model.set_grad_checkpointing(False)
+    assert not model.grad_checkpointing and not model.tokens_to_token.grad_checkpointing
 
 
 def test_forward_intermediates_give_strides_4_8_16():

@@ -265,6 +265,17 @@ def test_resume_after_an_epoch_is_bit_identical(folder, tmp_path):
     ]
 
 
+@pytest.mark.parametrize('mode', ['full', 'selective'])
+def test_grad_checkpointing_trains_the_same_weights(folder, tmp_path, mode):
+    plain, checkpointed = tmp_path / 'plain', tmp_path / mode
+    assert main(_resume_args(folder, plain) + ['--epochs', '1']) == 0
+    assert main(_resume_args(folder, checkpointed) + ['--epochs', '1', '--grad-checkpointing', mode]) == 0
+    a, b = load(plain / 'last.pth'), load(checkpointed / 'last.pth')
+    for key in ('model', 'ema', 'optimizer'):
+        assert_same_tensors(a[key], b[key], where=key)
+    assert b['config']['grad_checkpointing'] == mode
+
+
 def test_sigterm_mid_epoch_saves_and_resume_matches(tmp_path):
     """SIGTERM: last.pth at the end of the current step, exit 143, a resume line; the resumed run is exact."""
     folder = write_folder(tmp_path / 'data', train=40, val=2)  # 60 steps of batch 2 per epoch

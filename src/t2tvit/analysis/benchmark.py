@@ -51,7 +51,7 @@ class BenchmarkConfig:
     device: str = 'cpu'
     steps: int = 5
     warmup: int = 2
-    grad_checkpointing: bool = False
+    grad_checkpointing: str = ''  # '' (off), 'full' or 'selective'
 
     def validate(self) -> 'BenchmarkConfig':
         from ..factory import list_models
@@ -62,6 +62,8 @@ class BenchmarkConfig:
                                      ('attn', self.attn, ATTN_IMPLS), ('device', self.device, DEVICES)):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.grad_checkpointing not in ('', 'full', 'selective'):
+            raise UserError(f'--grad-checkpointing {self.grad_checkpointing!r} is not one of full, selective')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
             raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
         if self.device == 'cuda' and not torch.cuda.is_available():
@@ -144,7 +146,7 @@ class StepRunner:
         torch.manual_seed(seed)
         model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
         if cfg.grad_checkpointing:
-            model.set_grad_checkpointing(True)
+            model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.model = model.to(self.device).train(cfg.mode == 'train')
         self.x = torch.randn(cfg.batch, 3, self.img_size, self.img_size, device=self.device)
         if cfg.mode == 'train':
@@ -392,7 +394,8 @@ def top1_agreement(model: torch.nn.Module, images: torch.Tensor, dtype: str = 'b
 def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
-    options = (' compiled' if c.compile else '') + (' grad-checkpointing' if c.grad_checkpointing else '')
+    options = (' compiled' if c.compile else '') + (
+        f' grad-checkpointing={c.grad_checkpointing}' if c.grad_checkpointing else '')
     fraction = r.peak_fraction
     lines = [
         f'{c.model} {c.mode} batch {c.batch} {r.img_size}px {c.dtype} attn={c.attn}{options} on {c.device}',

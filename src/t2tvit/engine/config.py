@@ -81,6 +81,9 @@ class RunConfig:
     drop_rate: float = 0.0
     drop_path: float = 0.1
 
+    # -- memory: None (keep all activations), 'full' or 'selective' recomputation in backward
+    grad_checkpointing: Optional[str] = None
+
     # -- evaluation preprocessing; None: the model's pretrained_cfg (CIFAR's statistics on CIFAR)
     mean: Optional[Tuple[float, float, float]] = None
     std: Optional[Tuple[float, float, float]] = None
@@ -281,6 +284,10 @@ def check(cfg: RunConfig) -> RunConfig:
     need(
         cfg.amp_dtype in ('auto', 'bfloat16', 'float16'),
         f'amp_dtype {cfg.amp_dtype!r}: auto, bfloat16 or float16',
+    )
+    need(
+        cfg.grad_checkpointing in (None, 'full', 'selective'),
+        f'grad_checkpointing {cfg.grad_checkpointing!r}: full or selective (or leave it out)',
     )
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     need(

@@ -339,6 +339,10 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
         pretrained, source_arch = builders.pretrained_arch(cfg.checkpoint, cfg.model)
     arch = {**source_arch, **cfg.model_kwargs, 'img_size': img_size, 'num_classes': num_classes}
     model = builders.build_model(cfg.model, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path, **arch)
+    if cfg.grad_checkpointing:
+        if not hasattr(model, 'set_grad_checkpointing'):
+            raise UserError(f'--grad-checkpointing: {cfg.model} does not support gradient checkpointing')
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
     if pretrained is not None and resume_path is None:
         builders.transfer_weights(model, pretrained)
     del pretrained

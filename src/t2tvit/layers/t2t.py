@@ -13,9 +13,9 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from .attention import TokenAttention
+from .checkpointing import checkpoint_block
 from .performer import TokenPerformer
 from timm.layers import Mlp
 
@@ -131,6 +131,7 @@ class T2TModule(nn.Module):
             self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
         self.act = nn.GELU()  # between the convolutions of T2T-ViT-c; unused otherwise
         self.grad_checkpointing = False
+        self.checkpoint_selective = False
 
     def _split_grid(self, h: int, w: int, i: int) -> Tuple[int, int]:
         k, s, p = self.kernel_sizes[i], self.strides[i], self.paddings[i]
@@ -151,7 +152,7 @@ class T2TModule(nn.Module):
         g2 = self._split_grid(g1[0], g1[1], 1)
         x = self.soft_split0(x).transpose(1, 2)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            x = torch.utils.checkpoint.checkpoint(self.attention1, x, use_reentrant=False)
+            x = checkpoint_block(self.attention1, x, self.checkpoint_selective)
         else:
             x = self.attention1(x)
         # re-structurization: tokens back to an image of token_dim channels
@@ -159,7 +160,7 @@ class T2TModule(nn.Module):
         stages.append(x)
         x = self.soft_split1(x).transpose(1, 2)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            x = torch.utils.checkpoint.checkpoint(self.attention2, x, use_reentrant=False)
+            x = checkpoint_block(self.attention2, x, self.checkpoint_selective)
         else:
             x = self.attention2(x)
         x = x.transpose(1, 2).reshape(B, self.token_dim, g2[0], g2[1])

@@ -318,10 +318,6 @@ class PatchViT(T2TViT):
             'blocks': [(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
         }
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], int, int]:
         grid_h, grid_w = x.shape[2] // self.patch_size, x.shape[3] // self.patch_size
         return self._pos_embed(self.patch_embed(x), grid_h, grid_w), [], grid_h, grid_w

@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
@@ -34,6 +33,7 @@ from timm.models._manipulate import checkpoint_seq  # noqa: F401  (re-exported f
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..layers.attention import Attention, check_attn_impl
+from ..layers.checkpointing import check_grad_checkpointing, checkpoint_block
 from ..layers.pos_table import resize_pos_table, sinusoid_table
 from ..layers.t2t import T2TModule, to_2tuple_int
 
@@ -118,6 +118,7 @@ class T2TViT(nn.Module):
         self.pos_embed_resize = pos_embed_resize
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.checkpoint_selective = False
         self.img_size = to_2tuple_int(img_size)
 
         self.tokens_to_token = self._build_stem(
@@ -185,9 +186,16 @@ class T2TViT(nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-        self.tokens_to_token.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: Union[bool, str] = True):
+        """Recompute activations in backward: ``True``/``'full'`` (all of each block's),
+        ``'selective'`` (only the cheap element-wise ones; see ``layers/checkpointing.py``), ``False``."""
+        mode = check_grad_checkpointing(enable)
+        self.grad_checkpointing = bool(mode)
+        self.checkpoint_selective = mode == 'selective'
+        for module in self.modules():
+            if isinstance(module, T2TModule):
+                module.grad_checkpointing = bool(mode)
+                module.checkpoint_selective = mode == 'selective'
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -226,7 +234,7 @@ class T2TViT(nn.Module):
         x = self._tokens(x)[0]
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint_block(blk, x, self.checkpoint_selective)
             else:
                 x = blk(x)
         return self.norm(x)
@@ -267,7 +275,7 @@ class T2TViT(nn.Module):
             if stop_early and i + num_stages > max_index and not torch.jit.is_scripting():
                 break
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint_block(blk, x, self.checkpoint_selective)
             else:
                 x = blk(x)
             if i + num_stages in take_indices:
