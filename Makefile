@@ -22,7 +22,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
-	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/compare.py -o benchmarks/RESULTS.md --readme README.md
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
