@@ -8,7 +8,7 @@ from torch import nn
 
 import t2tvit
 from conftest import load_json
-from t2tvit.models import PAPER_RESULTS, ablations
+from t2tvit.models import PAPER_RESULTS, Block, ablations
 
 ABLATIONS = list(ablations.MODEL_CONFIGS)
 SPEC_MODELS = ['t2t_vit_14_se', 't2t_vit_16_ghost', 't2t_vit_dense']
@@ -106,6 +106,14 @@ def test_dense_widths_head_and_drop_path_follow_the_reference():
     assert model.forward_intermediates(_x(), indices=[-1], intermediates_only=True)[0].shape == (2, 584, 2, 2)
     with pytest.raises(ValueError, match='narrower'):
         model.forward_intermediates(_x(), norm=True)
+
+
+def test_dense_block_appends_the_features_of_a_backbone_block():
+    # DenseBlock writes Block.forward out (TorchScript has no super()): the two must stay the same
+    torch.manual_seed(0)
+    blk = ablations.DenseBlock(32, 8, num_heads=4, drop_path=0.0).eval()
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(blk(x), torch.cat((x, blk.dense_linear(Block.forward(blk, x))), dim=2))
 
 
 def test_se_layer_gates_channels_with_the_token_mean():

@@ -1,4 +1,5 @@
-"""The timm model contract, as a timm user relies on it, for the paper's models."""
+"""The timm model contract, as a timm user relies on it: in detail on the paper's models, and the checks of
+timm's own model tests on every registered model (the ablations and ViT baselines too)."""
 import pytest
 import timm
 import torch
@@ -134,12 +135,6 @@ def test_torchscript_and_fx_trace_give_the_same_outputs(name, attn_impl):
     torch.testing.assert_close(traced(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_transformer_t2t_scripts_too():
-    model = _model('t2t_vit_t_14', img_size=64)
-    x = _x(64, batch=1)
-    torch.testing.assert_close(torch.jit.script(model)(x), model(x), atol=1e-5, rtol=1e-5)
-
-
 def test_other_image_sizes_and_untileable_size():
     model = _model('t2t_vit_7', img_size=(160, 96))
     assert model.grid_size == (10, 6)
@@ -151,3 +146,31 @@ def test_other_image_sizes_and_untileable_size():
 def test_dynamic_img_size_resizes_the_position_table():
     model = _model('t2t_vit_7_32', dynamic_img_size=True)
     assert model(_x(48)).shape == (2, 1000)
+
+
+# -- every registered model ------------------------------------------------------------------------
+# Each model is built once (a module-scoped fixture) at a size every model tiles: a 2x3 token grid at
+# stride 16, not square, so a swapped height and width cannot pass. The deeper or wider copies of a
+# model that runs by default share its code paths and run with `-m slow`.
+SIZE = (32, 48)
+SAME_LAYERS_AS_A_SMALLER_MODEL = {'t2t_vit_14', 't2t_vit_19', 't2t_vit_24', 't2t_vit_t_19', 't2t_vit_t_24',
+                                  'vit_s_16', 'vit_sw'}
+EVERY_MODEL = [pytest.param(name, marks=pytest.mark.slow) if name in SAME_LAYERS_AS_A_SMALLER_MODEL else name
+               for name in t2tvit.list_models()]
+
+
+@pytest.fixture(scope='module', params=EVERY_MODEL)
+def registered(request):
+    """(name, eval-mode model with a 5-class head at SIZE, input batch of 2)."""
+    torch.manual_seed(0)
+    model = timm.create_model(request.param, img_size=SIZE, num_classes=5).eval()
+    x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    return request.param, model, x
+
+
+def test_every_model_scripts_and_fx_traces_to_its_eager_outputs(registered):
+    _, model, x = registered
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), ref, atol=1e-5, rtol=1e-5)

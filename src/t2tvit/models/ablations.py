@@ -72,6 +72,7 @@ from .t2t_vit import Block, T2TViT, default_cfg_for, register_models
 __all__ = [
     'MODEL_CONFIGS',
     'PAPER_RESULTS',
+    'CheapOperation',
     'DenseBlock',
     'GhostAttention',
     'GhostMlp',
@@ -116,13 +117,15 @@ class SEAttention(Attention):
 
 
 # -- ghost operations ------------------------------------------------------------------------------
-def _cheap_operation(dim: int) -> nn.Conv1d:
-    """GhostNet's cheap operation on tokens: a depthwise 1x1 convolution over (B, C, N)."""
-    return nn.Conv1d(dim, dim, kernel_size=1, groups=dim, bias=False)
+class CheapOperation(nn.Conv1d):
+    """GhostNet's cheap operation on tokens (B, N, C): a depthwise 1x1 convolution over the channels."""
 
+    def __init__(self, dim: int):
+        super().__init__(dim, dim, kernel_size=1, groups=dim, bias=False)
 
-def _apply_cheap(op: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return op(x.transpose(1, 2)).transpose(1, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the convolution itself, not super().forward: TorchScript has no super()
+        return self._conv_forward(x.transpose(1, 2), self.weight, self.bias).transpose(1, 2)
 
 
 class GhostAttention(Attention):
@@ -137,23 +140,24 @@ class GhostAttention(Attention):
         self.q = nn.Linear(dim, half, bias=qkv_bias)
         self.k = nn.Linear(dim, half, bias=qkv_bias)
         self.v = nn.Linear(dim, half, bias=qkv_bias)
-        self.cheap_operation_q = _cheap_operation(half)
-        self.cheap_operation_k = _cheap_operation(half)
-        self.cheap_operation_v = _cheap_operation(half)
+        self.cheap_operation_q = CheapOperation(half)
+        self.cheap_operation_k = CheapOperation(half)
+        self.cheap_operation_v = CheapOperation(half)
         # re-register the projection last: the reference's state-dict order (q, k, v, cheap ops, proj)
         proj, proj_drop = self.proj, self.proj_drop
         del self.proj, self.proj_drop
         self.proj, self.proj_drop = proj, proj_drop
 
-    def _heads(self, y: torch.Tensor, cheap: nn.Module) -> torch.Tensor:
+    def _heads(self, y: torch.Tensor, cheap: torch.Tensor) -> torch.Tensor:
         B, N, _ = y.shape
-        y = torch.cat((y, _apply_cheap(cheap, y)), dim=2)
+        y = torch.cat((y, cheap), dim=2)
         return y.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
     def qkv_heads(self, x: torch.Tensor):
-        return (self._heads(self.q(x), self.cheap_operation_q),
-                self._heads(self.k(x), self.cheap_operation_k),
-                self._heads(self.v(x), self.cheap_operation_v))
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        return (self._heads(q, self.cheap_operation_q(q)),
+                self._heads(k, self.cheap_operation_k(k)),
+                self._heads(v, self.cheap_operation_v(v)))
 
 
 class GhostMlp(nn.Module):
@@ -176,12 +180,15 @@ class GhostMlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.num_cheap = hidden_features // in_features - 1
         for i in range(self.num_cheap):
-            self.add_module(f'cheap_operation{i + 2}', _cheap_operation(in_features))
+            self.add_module(f'cheap_operation{i + 2}', CheapOperation(in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.fc1(x))
-        parts = [x] + [self.act(_apply_cheap(getattr(self, f'cheap_operation{i + 2}'), x))
-                       for i in range(self.num_cheap)]
+        parts = [x]
+        # in registration order; TorchScript unrolls this loop and keeps only the cheap operations
+        for name, op in self.named_children():
+            if name.startswith('cheap_operation'):
+                parts.append(self.act(op(x)))
         x = self.drop(torch.cat(parts, dim=2))
         return self.drop(self.fc2(x))
 
@@ -196,7 +203,10 @@ class DenseBlock(Block):
         self.out_dim = dim + growth_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat((x, self.dense_linear(super().forward(x))), dim=2)
+        # Block.forward written out: TorchScript has no super()
+        y = x + self.drop_path(self.attn(self.norm1(x)))
+        y = y + self.drop_path(self.mlp(self.norm2(y)))
+        return torch.cat((x, self.dense_linear(y)), dim=2)
 
 
 class Transition(nn.Module):
