@@ -1,5 +1,7 @@
 """The timm model contract, as a timm user relies on it: in detail on the paper's models, and the checks of
 timm's own model tests on every registered model (the ablations and ViT baselines too)."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -150,11 +152,10 @@ def test_dynamic_img_size_resizes_the_position_table():
 
 # -- every registered model ------------------------------------------------------------------------
 # Each model is built once (a module-scoped fixture) at a size every model tiles: a 2x3 token grid at
-# stride 16, not square, so a swapped height and width cannot pass. The deeper or wider copies of a
-# model that runs by default share its code paths and run with `-m slow`.
+# stride 16, not square, so a swapped height and width cannot pass. The deeper copies of t2t_vit_14 and
+# t2t_vit_t_14 share their code paths and run with `-m slow`.
 SIZE = (32, 48)
-SAME_LAYERS_AS_A_SMALLER_MODEL = {'t2t_vit_14', 't2t_vit_19', 't2t_vit_24', 't2t_vit_t_19', 't2t_vit_t_24',
-                                  'vit_s_16', 'vit_sw'}
+SAME_LAYERS_AS_A_SMALLER_MODEL = {'t2t_vit_19', 't2t_vit_24', 't2t_vit_t_19', 't2t_vit_t_24'}
 EVERY_MODEL = [pytest.param(name, marks=pytest.mark.slow) if name in SAME_LAYERS_AS_A_SMALLER_MODEL else name
                for name in t2tvit.list_models()]
 
@@ -174,3 +175,68 @@ def test_every_model_scripts_and_fx_traces_to_its_eager_outputs(registered):
         ref = model(x)
         torch.testing.assert_close(torch.jit.script(model)(x), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_every_model_trains_every_parameter_but_its_fixed_tables(registered):
+    _, model, x = registered
+    model = copy.deepcopy(model).train()
+    y = model(x)
+    assert y.shape == (2, 5) and torch.isfinite(y).all()
+    y.mean().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.grad is not None}
+    # the reference keeps the sinusoid table and the Performer's random features fixed; ViT learns its table
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} <= {
+        'pos_embed', 'tokens_to_token.attention1.w', 'tokens_to_token.attention2.w'}
+
+
+def test_every_model_keeps_timms_head_contract(registered):
+    _, model, x = registered
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert tokens.shape == (2, 1 + model.grid_size[0] * model.grid_size[1], model.num_features)
+        pre = model.forward_head(tokens, pre_logits=True)
+        assert pre.shape == (2, model.head_hidden_size)
+        torch.testing.assert_close(pre, tokens[:, 0])
+        torch.testing.assert_close(model(x), model.get_classifier()(pre))
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7) and model.num_classes == 7
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), pre)
+        model.reset_classifier(0, '')
+        torch.testing.assert_close(model(x), tokens)
+    assert {'cls_token', 'pos_embed'} <= model.no_weight_decay()
+
+
+@pytest.mark.parametrize('name', t2tvit.list_models())
+def test_every_pretrained_cfg_names_layers_of_its_model(name):
+    with torch.device('meta'):
+        model = timm.create_model(name)
+        gray = timm.create_model(name, in_chans=1)
+    cfg, weights = model.pretrained_cfg, model.state_dict()
+    assert cfg['classifier'] + '.weight' in weights
+    # first_conv is the layer that reads the image: the one whose input width follows in_chans
+    first = cfg['first_conv'] + '.weight'
+    assert weights[first].shape[1] == 3 * gray.state_dict()[first].shape[1]
+    assert cfg['num_classes'] == model.num_classes and cfg['input_size'] == (3, *model.img_size)
+    assert {'mean', 'std', 'crop_pct', 'interpolation'} <= cfg.keys()
+
+
+def test_every_model_gives_the_feature_maps_its_feature_info_lists(registered):
+    name, model, x = registered
+    info = model.feature_info
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [tuple(f.shape) for f in feats] == [
+            (2, i['num_chs'], SIZE[0] // i['reduction'], SIZE[1] // i['reduction']) for i in info]
+        features = timm.create_model(name, img_size=SIZE, features_only=True).eval()
+        maps = features(x)
+    assert [tuple(f.shape) for f in maps] == [(2, c, SIZE[0] // r, SIZE[1] // r) for c, r in zip(
+        features.feature_info.channels(), features.feature_info.reduction())]
+    # by default the two T2T stages and the last block; without T2T, the last three blocks
+    last = len(model.blocks) - 1
+    assert features.feature_info.module_name() == (
+        ['tokens_to_token.attention1', 'tokens_to_token.attention2', f'blocks.{last}'] if model.num_stem_stages
+        else [f'blocks.{last - 2}', f'blocks.{last - 1}', f'blocks.{last}'])
