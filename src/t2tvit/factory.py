@@ -4,7 +4,7 @@ from typing import List
 import timm
 import torch.nn as nn
 
-from .models import MODEL_CONFIGS
+from . import models  # noqa: F401  (list_models reads timm's registry, which importing the models fills)
 
 
 def list_models(pattern: str = '') -> List[str]:

@@ -21,7 +21,6 @@ numbers of a released checkpoint:
   ``forward_head`` takes the class token.
 """
 import sys
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -106,7 +105,8 @@ class T2TViT(nn.Module):
     ):
         super().__init__()
         if global_pool not in ('token', ''):
-            raise ValueError(f"global_pool {global_pool!r} is not supported (T2T-ViT classifies the class token: 'token')")
+            raise ValueError(f"global_pool {global_pool!r} is not supported "
+                             "(T2T-ViT classifies the class token: 'token')")
         if pos_embed_resize not in ('bicubic', 'sinusoid'):
             raise ValueError(f"pos_embed_resize must be 'bicubic' or 'sinusoid', got {pos_embed_resize!r}")
         norm_layer = norm_layer or nn.LayerNorm
