@@ -44,3 +44,12 @@ def test_readme_model_table_is_what_the_code_counts():
     from t2tvit.analysis.report import markdown_table, model_rows
     table = README.split('<!-- model-table:start -->')[1].split('<!-- model-table:end -->')[0].strip()
     assert table == markdown_table(model_rows()).strip()
+
+
+def test_readme_benchmark_table_is_the_measured_one():
+    """README's benchmark section is benchmarks/RESULTS.md as compare.py wrote it, not edited by hand."""
+    start, end = '<!-- bench-table:start -->', '<!-- bench-table:end -->'
+    section = README[README.index(start) + len(start):README.index(end)].strip()
+    results = (ROOT / 'benchmarks' / 'RESULTS.md').read_text().strip()
+    assert section == results
+    assert '| comparison | measure |' in section and 'Machine:' in section
