@@ -263,6 +263,18 @@ def test_resume_after_an_epoch_is_bit_identical(folder, tmp_path):
     assert [(r['epoch'], r['train_loss'], r['top1'], r['ema_top1']) for r in ra] == [
         (r['epoch'], r['train_loss'], r['top1'], r['ema_top1']) for r in rb
     ]
+    # TensorBoard (a dev dependency): one point per epoch across the resumes, the values of metrics.csv
+    for out in (straight, split):
+        assert _tensorboard_scalars(out, 'train_loss') == [(int(r['epoch']), float(r['train_loss'])) for r in rb]
+
+
+def _tensorboard_scalars(out, tag):
+    pytest.importorskip('tensorboard', reason='tensorboard is not installed (pip install -e .[dev])')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / 'tensorboard'))
+    events.Reload()
+    return [(e.step, pytest.approx(e.value, rel=1e-5)) for e in events.Scalars(tag)]
 
 
 @pytest.mark.parametrize('mode', ['full', 'selective'])
