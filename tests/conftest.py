@@ -34,3 +34,18 @@ def official_ckpt(fixtures_dir):
 def load_json(path: Path):
     with open(path) as f:
         return json.load(f)
+
+
+def fixture_model(name: str, fixtures_dir: Path, official_ckpt):
+    """``name`` in eval mode with the reference-layout fixture weights (real logit scales, Performer
+    features near underflow); a model the fixtures have no spec for keeps a seeded init."""
+    import t2tvit
+
+    path = fixtures_dir / f'{name}.spec.json'
+    if not path.is_file():
+        torch.manual_seed(0)
+        return t2tvit.create_model(name).eval()
+    spec = load_json(path)
+    model = t2tvit.create_model(name, img_size=spec.get('img_size', 224)).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in official_ckpt.make_state_dict(spec).items()})
+    return model

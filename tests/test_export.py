@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import t2tvit
-from conftest import load_json
+from conftest import fixture_model, load_json
 from t2tvit.cli import main
 from t2tvit.export import TOLERANCE, export_model, load_exported, max_abs_diff
 from t2tvit.models import PAPER_RESULTS
@@ -14,21 +14,8 @@ def _need_onnxruntime():
     pytest.importorskip('onnxscript', reason='the ONNX exporter needs onnxscript (pip install onnxscript)')
 
 
-def _fixture_model(name, fixtures_dir, official_ckpt):
-    """``name`` with the reference-layout fixture weights (real logit scales, Performer features near
-    underflow); models the fixtures lack keep a seeded init."""
-    path = fixtures_dir / f'{name}.spec.json'
-    if not path.is_file():
-        torch.manual_seed(0)
-        return t2tvit.create_model(name).eval()
-    spec = load_json(path)
-    model = t2tvit.create_model(name, img_size=spec.get('img_size', 224)).eval()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in official_ckpt.make_state_dict(spec).items()})
-    return model
-
-
 def _check_onnx(name, fixtures_dir, official_ckpt, tmp_path):
-    model = _fixture_model(name, fixtures_dir, official_ckpt)
+    model = fixture_model(name, fixtures_dir, official_ckpt)
     path = export_model(model, 'onnx', tmp_path / f'{name}.onnx', dynamic_batch=True)
     x = torch.from_numpy(official_ckpt.make_inputs(3, model.img_size[0]))
     assert max_abs_diff(model, load_exported(path, 'onnx'), x) <= TOLERANCE

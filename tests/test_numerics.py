@@ -7,22 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import t2tvit
-from conftest import load_json
+from conftest import fixture_model, load_json
 from t2tvit.layers import performer
 from t2tvit.layers.performer import _linear_attention
 from t2tvit.models import PAPER_RESULTS
-
-
-def _fixture_model(name, fixtures_dir, official_ckpt):
-    """``name`` with the reference-layout fixture weights; models the fixtures lack keep a seeded init."""
-    path = fixtures_dir / f'{name}.spec.json'
-    if not path.is_file():
-        torch.manual_seed(0)
-        return t2tvit.create_model(name).eval()
-    spec = load_json(path)
-    model = t2tvit.create_model(name, img_size=spec.get('img_size', 224)).eval()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in official_ckpt.make_state_dict(spec).items()})
-    return model
 
 
 class PerformerCore(torch.nn.Module):
@@ -67,7 +55,7 @@ def test_performer_attention_stays_float32_under_bf16_autocast(performer_inputs,
 @pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14'])
 def test_bf16_keeps_the_reference_top1(name, fixtures_dir, official_ckpt):
     expected = load_json(fixtures_dir / f'{name}.expected.json')
-    model = _fixture_model(name, fixtures_dir, official_ckpt)
+    model = fixture_model(name, fixtures_dir, official_ckpt)
     x = torch.from_numpy(official_ckpt.make_inputs(expected['input']['batch'], expected['input']['size']))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         logits = model(x).float()
@@ -123,5 +111,5 @@ def test_compile_fullgraph_matches_eager():
 @pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(PAPER_RESULTS))
 def test_compile_fullgraph_matches_eager_every_paper_model(name, fixtures_dir, official_ckpt):
-    model = _fixture_model(name, fixtures_dir, official_ckpt)
+    model = fixture_model(name, fixtures_dir, official_ckpt)
     _check_compiled(model, torch.from_numpy(official_ckpt.make_inputs(2, model.img_size[0])))
