@@ -28,7 +28,6 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq  # noqa: F401  (re-exported for ablations)
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..layers.attention import Attention, check_attn_impl
