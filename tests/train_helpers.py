@@ -70,11 +70,10 @@ def run_cli(args: List[str], cwd: Path, timeout: float = 300, **kw) -> subproces
         [sys.executable, '-m', 't2tvit', *args],
         check=False,
         cwd=cwd,
-        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
-        **kw,
+        **{'env': subprocess_env(), **kw},
     )
 
 
