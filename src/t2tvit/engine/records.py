@@ -60,12 +60,18 @@ class Records:
         self.tb = None
         if not enabled:
             return
-        self.rows = [r for r in read_metrics(out) if int(r['epoch']) <= completed_epochs]
+        logged = read_metrics(out)
+        self.rows = [r for r in logged if int(r['epoch']) <= completed_epochs]
         self._rewrite()
         if importlib.util.find_spec('tensorboard') is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(out / 'tensorboard'), purge_step=completed_epochs + 1)
+            # purge only when epochs past the checkpoint were logged (a run that stopped on non-finite
+            # losses): TensorBoard orders event files by their name, which two resumes within one
+            # second do not keep in order, and a purge read out of order would drop good points
+            stale = len(self.rows) < len(logged)
+            self.tb = SummaryWriter(log_dir=str(out / 'tensorboard'),
+                                    purge_step=completed_epochs + 1 if stale else None)
 
     def _rewrite(self) -> None:
         tmp = self.out / '.metrics.csv.tmp'
