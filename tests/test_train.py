@@ -459,8 +459,7 @@ def test_demo_reaches_97_percent_on_held_out_digits(tmp_path):
     """`make demo`: train, validate best.pth, predict; >= 97% held-out top-1 (minutes on 2 CPU cores)."""
     from train_helpers import run_cli
 
-    # torch's default threads, as `make demo` runs: the recipe's accuracy moves with the float summation
-    # order (one thread reached 94.7% where two reach 98.1%), so the test measures what users run
+    # torch's default threads, as `make demo` runs (the float summation order follows the thread count)
     env = {k: v for k, v in subprocess_env().items() if k != 'OMP_NUM_THREADS'}
     result = run_cli(['demo', '--output', str(tmp_path / 'demo'), '--no-progress'], cwd=tmp_path, timeout=900,
                      env=env)
