@@ -62,7 +62,8 @@ class BenchmarkConfig:
                                      ('attn', self.attn, ATTN_IMPLS), ('device', self.device, DEVICES)):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
-        if self.grad_checkpointing not in ('', 'full', 'selective'):
+        from ..layers.checkpointing import GRAD_CHECKPOINTING
+        if self.grad_checkpointing not in ('', *GRAD_CHECKPOINTING):
             raise UserError(f'--grad-checkpointing {self.grad_checkpointing!r} is not one of full, selective')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
             raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
