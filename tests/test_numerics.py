@@ -113,3 +113,22 @@ def test_compile_fullgraph_matches_eager():
 def test_compile_fullgraph_matches_eager_every_paper_model(name, fixtures_dir, official_ckpt):
     model = fixture_model(name, fixtures_dir, official_ckpt)
     _check_compiled(model, torch.from_numpy(official_ckpt.make_inputs(2, model.img_size[0])))
+
+
+def test_naive_attention_is_the_reference_order_of_operations():
+    # the benchmarks' baseline must be the reference math itself: the backbone scales q k^T,
+    # the T2T Transformer layer scales q before the product (float rounding tells them apart)
+    from t2tvit.layers import Attention, TokenAttention
+    torch.manual_seed(0)
+    token = TokenAttention(147, 64, attn_impl='naive').eval()
+    backbone = Attention(64, num_heads=2, attn_impl='naive').eval()
+    x = torch.randn(2, 49, 147)
+    with torch.no_grad():
+        q, k, v = token.qkv_heads(x)
+        attn = ((q * token.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        y = token.proj((attn @ v).transpose(1, 2).reshape(2, 49, 64))
+        assert torch.equal(token(x), v.squeeze(1) + y)
+        h = torch.randn(2, 49, 64)
+        q, k, v = backbone.qkv_heads(h)
+        attn = ((q @ k.transpose(-2, -1)) * backbone.scale).softmax(dim=-1)
+        assert torch.equal(backbone(h), backbone.proj((attn @ v).transpose(1, 2).reshape(2, 49, 64)))

@@ -26,12 +26,17 @@ def scaled_attention(
         scale: float,
         dropout_p: float,
         attn_impl: str,
+        scale_q: bool = False,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v over (B, heads, N, head_dim) tensors."""
+    """softmax(q k^T * scale) v over (B, heads, N, head_dim) tensors.
+
+    ``naive`` follows the reference code's order of operations: the backbone scales the
+    product ``q k^T``, the T2T Transformer layer scales ``q`` first (``scale_q=True``).
+    """
     if attn_impl == 'sdpa':
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    # reference math: scale applied to the product, then softmax, dropout, @ v
-    attn = (q @ k.transpose(-2, -1)) * scale
+    # reference math: scaled product, then softmax, dropout, @ v
+    attn = (q * scale) @ k.transpose(-2, -1) if scale_q else (q @ k.transpose(-2, -1)) * scale
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
@@ -130,6 +135,7 @@ class TokenAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv_heads(x)
-        y = scaled_attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0, self.attn_impl)
+        y = scaled_attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0, self.attn_impl,
+                             scale_q=True)
         y = self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, self.in_dim)))
         return v.transpose(1, 2).reshape(B, N, self.in_dim) + y
