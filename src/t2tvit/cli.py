@@ -450,7 +450,8 @@ def _run_benchmark(args) -> int:
     from .analysis.benchmark import BenchmarkConfig, format_result, run_benchmark
     cfg = BenchmarkConfig(model=args.model, mode=args.mode, batch=args.batch_size, img_size=args.img_size,
                           dtype=args.dtype, attn=args.attn, compile=args.compile, device=args.device,
-                          steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing)
+                          steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
+                          activations=args.activations or '')
     try:
         result = run_benchmark(cfg, memory=not args.no_memory)
     except ValueError as e:  # an image size the model's geometry cannot tile
@@ -478,6 +479,10 @@ def _add_benchmark(sub):
     p.add_argument('--grad-checkpointing', nargs='?', const='full', default='', choices=['full', 'selective'],
                    help='train mode: recompute T2T layers and blocks in backward (full, the default when given '
                         'without a value), or only their cheap element-wise ops (selective)')
+    p.add_argument('--activations', choices=['lean', 'plain'],
+                   help='train mode: keep the inputs of LayerNorm and GELU for backward and recompute their outputs '
+                        '(lean, the default with --attn sdpa), or keep every output as plain autograd does '
+                        '(plain, the default with --attn naive: the reference math)')
     p.add_argument('--no-memory', action='store_true',
                    help='skip the peak-memory measurement (on CPU a second process; peak_mem_mb is null)')
     p.add_argument('--json', action='store_true', help='print one JSON object: ' + ', '.join(

@@ -52,6 +52,13 @@ class BenchmarkConfig:
     steps: int = 5
     warmup: int = 2
     grad_checkpointing: str = ''  # '' (off), 'full' or 'selective'
+    # training: 'lean' keeps LayerNorm/GELU inputs for backward, not their outputs (layers/lean.py);
+    # 'plain' is autograd's own saving; '' picks lean for sdpa and plain for naive, the reference math
+    activations: str = ''
+
+    @property
+    def lean(self) -> bool:
+        return self.activations == 'lean' or (not self.activations and self.attn == 'sdpa')
 
     def validate(self) -> 'BenchmarkConfig':
         from ..factory import list_models
@@ -65,6 +72,8 @@ class BenchmarkConfig:
         from ..layers.checkpointing import GRAD_CHECKPOINTING
         if self.grad_checkpointing not in ('', *GRAD_CHECKPOINTING):
             raise UserError(f'--grad-checkpointing {self.grad_checkpointing!r} is not one of full, selective')
+        if self.activations not in ('', 'lean', 'plain'):
+            raise UserError(f'--activations {self.activations!r} is not one of lean, plain')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
             raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
         if self.device == 'cuda' and not torch.cuda.is_available():
@@ -146,6 +155,7 @@ class StepRunner:
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
         model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
+        model.set_lean_activations(cfg.lean)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(cfg.grad_checkpointing)
         self.model = model.to(self.device).train(cfg.mode == 'train')
@@ -396,7 +406,8 @@ def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
     options = (' compiled' if c.compile else '') + (
-        f' grad-checkpointing={c.grad_checkpointing}' if c.grad_checkpointing else '')
+        f' grad-checkpointing={c.grad_checkpointing}' if c.grad_checkpointing else '') + (
+        f" activations={'lean' if c.lean else 'plain'}" if c.mode == 'train' else '')
     fraction = r.peak_fraction
     lines = [
         f'{c.model} {c.mode} batch {c.batch} {r.img_size}px {c.dtype} attn={c.attn}{options} on {c.device}',

@@ -21,6 +21,7 @@ import torch.fx
 import torch.nn as nn
 
 from .attention import check_attn_impl
+from .lean import LeanSaving, lean_saving_applies
 
 
 def _random_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,7 @@ class TokenPerformer(nn.Module):
         )
         w = nn.init.orthogonal_(torch.empty(self.m, self.emb)) * math.sqrt(self.m)
         self.w = nn.Parameter(w, requires_grad=False)
+        self.lean = True  # see layers/lean.py
 
     def random_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, emb) -> (B, T, m) positive random features, float32."""
@@ -103,5 +105,15 @@ class TokenPerformer(nn.Module):
         return v + self.dp(self.proj(y.to(v.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.lean and lean_saving_applies(self):
+                return self.forward_lean(x)
         x = self.linear_attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    @torch.jit.unused
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        with LeanSaving() as lean:
+            x = self.linear_attention(lean.norm(self.norm1, x))
+            fc1, act, fc2, drop = self.mlp
+            return x + lean.mlp(fc1, act, lambda g: drop(fc2(g)), lean.norm(self.norm2, x))

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .attention import TokenAttention
 from .checkpointing import checkpoint_block
+from .lean import LeanSaving, lean_saving_applies, timm_mlp
 from .performer import TokenPerformer
 from timm.layers import Mlp
 
@@ -66,10 +67,20 @@ class TokenTransformer(nn.Module):
                                    proj_drop=drop, attn_impl=attn_impl)
         self.norm2 = nn.LayerNorm(in_dim)
         self.mlp = Mlp(in_features=in_dim, hidden_features=int(in_dim * mlp_ratio), out_features=in_dim, drop=drop)
+        self.lean = True  # see layers/lean.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.lean and lean_saving_applies(self):
+                return self.forward_lean(x)
         x = self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    @torch.jit.unused
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        with LeanSaving() as lean:
+            x = self.attn(lean.norm(self.norm1, x))
+            return x + timm_mlp(lean, self.mlp, lean.norm(self.norm2, x))
 
 
 class T2TModule(nn.Module):

@@ -67,6 +67,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from torch import nn
 
 from ..layers.attention import Attention, scaled_attention
+from ..layers.lean import lean_saving_applies
 from .t2t_vit import Block, T2TViT, default_cfg_for, register_models
 
 __all__ = [
@@ -204,6 +205,9 @@ class DenseBlock(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Block.forward written out: TorchScript has no super()
+        if not torch.jit.is_scripting():
+            if self.lean and lean_saving_applies(self):
+                return torch.cat((x, self.dense_linear(self.forward_lean(x))), dim=2)
         y = x + self.drop_path(self.attn(self.norm1(x)))
         y = y + self.drop_path(self.mlp(self.norm2(y)))
         return torch.cat((x, self.dense_linear(y)), dim=2)

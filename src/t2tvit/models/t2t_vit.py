@@ -32,6 +32,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..layers.attention import Attention, check_attn_impl
 from ..layers.checkpointing import check_grad_checkpointing, checkpoint_block
+from ..layers.lean import LeanSaving, lean_saving_applies, timm_mlp
 from ..layers.pos_table import resize_pos_table, sinusoid_table
 from ..layers.t2t import T2TModule, to_2tuple_int
 
@@ -63,10 +64,25 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
+        self.lean = True  # see layers/lean.py; T2TViT switches it off under gradient checkpointing
+        # lean.norm casts for a single Linear reader: with several (ghost q, k, v), autocast's casts
+        # would sum their gradients in float32, one shared cast in bf16
+        self.lean_norm1 = isinstance(getattr(self.attn, 'qkv', None), nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.lean and lean_saving_applies(self):
+                return self.forward_lean(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    @torch.jit.unused
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` keeping the norms' and the activation's inputs for backward, not their outputs."""
+        with LeanSaving() as lean:
+            x = x + self.drop_path(self.attn(lean.norm(self.norm1, x) if self.lean_norm1 else self.norm1(x)))
+            h = lean.norm(self.norm2, x)
+            return x + self.drop_path(timm_mlp(lean, self.mlp, h) if type(self.mlp) is Mlp else self.mlp(h))
 
 
 class T2TViT(nn.Module):
@@ -118,6 +134,7 @@ class T2TViT(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
         self.checkpoint_selective = False
+        self.lean_activations = True
         self.img_size = to_2tuple_int(img_size)
 
         self.tokens_to_token = self._build_stem(
@@ -195,6 +212,20 @@ class T2TViT(nn.Module):
             if isinstance(module, T2TModule):
                 module.grad_checkpointing = bool(mode)
                 module.checkpoint_selective = mode == 'selective'
+        self._set_lean()
+
+    @torch.jit.ignore
+    def set_lean_activations(self, enable: bool = True):
+        """Keep the inputs of LayerNorm and GELU for backward, not their outputs (on by default; bit-identical
+        results, less memory: ``layers/lean.py``). Off under gradient checkpointing, which owns the saving there."""
+        self.lean_activations = bool(enable)
+        self._set_lean()
+
+    def _set_lean(self):
+        on = self.lean_activations and not self.grad_checkpointing
+        for module in self.modules():
+            if hasattr(module, 'lean') and isinstance(module.lean, bool):
+                module.lean = on
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
