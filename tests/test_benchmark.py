@@ -34,7 +34,7 @@ def test_infer_json_with_peak_memory_from_a_fresh_process(capsys):
 @pytest.mark.parametrize('flags', [
     ['--mode', 'train', '--attn', 'naive'],
     ['--mode', 'train', '--dtype', 'bf16', '--grad-checkpointing'],
-    ['--mode', 'train', '--grad-checkpointing', 'selective'],
+    ['--mode', 'train', '--activations', 'plain'],
     ['--dtype', 'bf16'],
 ])
 def test_train_and_low_precision_json(capsys, flags):

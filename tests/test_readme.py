@@ -53,3 +53,45 @@ def test_readme_benchmark_table_is_the_measured_one():
     results = (ROOT / 'benchmarks' / 'RESULTS.md').read_text().strip()
     assert section == results
     assert '| comparison | measure |' in section and 'Machine:' in section
+
+
+def _lines_of(command: str):
+    return [shlex.split(line) for line in _cli_lines() if line.split()[0] == command]
+
+
+def test_readme_export_commands_run_on_a_demo_checkpoint(tmp_path, monkeypatch, capsys):
+    """The Export section as written, on a one-epoch `--config demo` run (the demo's own checkpoint layout)."""
+    from t2tvit.cli import main
+    pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (pip install onnxruntime)')
+    pytest.importorskip('onnxscript', reason='the ONNX exporter needs onnxscript (pip install onnxscript)')
+    monkeypatch.chdir(tmp_path)
+    assert main(['train', '--config', 'demo', '-o', 'runs/demo', '--epochs', '1', '--warmup-epochs', '0',
+                 '--no-progress']) == 0
+    lines = _lines_of('export')
+    assert {line[line.index('--format') + 1] for line in lines} == {'onnx', 'torchscript', 'exported'}
+    for args in lines:
+        capsys.readouterr()
+        assert main(args) == 0, args
+        printed = capsys.readouterr().out
+        assert (tmp_path / args[args.index('-o') + 1]).is_file()
+        assert '(within' in printed, printed
+
+
+def _run_small_benchmark(args, capsys) -> str:
+    """A README benchmark line with its flags as written, on batch 2 at 64 px for one step."""
+    from t2tvit.cli import main
+    small = list(args)
+    small[small.index('-b') + 1] = '2'
+    assert main(small + ['--img-size', '64', '--steps', '1', '--warmup', '0', '--no-memory']) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize('args', [a for a in _lines_of('benchmark') if '--compile' not in a])
+def test_readme_benchmark_commands_run_in_small(args, capsys):
+    assert ('"img_per_s"' if '--json' in args else 'img/s') in _run_small_benchmark(args, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args', [a for a in _lines_of('benchmark') if '--compile' in a])
+def test_readme_compile_benchmark_runs_in_small(args, capsys):
+    assert 'compile:' in _run_small_benchmark(args, capsys)

@@ -79,7 +79,7 @@ def test_backward_reaches_every_trainable_parameter():
 def test_grad_checkpointing_gives_the_same_outputs_and_grads(name):
     x = _x()
     outs = []
-    for enable in (False, True, 'selective'):
+    for enable in (False, True):
         torch.manual_seed(0)
         model = t2tvit.create_model(name, img_size=x.shape[-1], drop_path_rate=0.1).train()
         model.set_grad_checkpointing(enable)
@@ -92,12 +92,10 @@ def test_grad_checkpointing_gives_the_same_outputs_and_grads(name):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_grad_checkpointing_mode_is_checked():
+def test_grad_checkpointing_switches_the_t2t_layers_too():
     model = _model()
-    with pytest.raises(ValueError, match='selective'):
-        model.set_grad_checkpointing('everything')
-    model.set_grad_checkpointing('selective')
-    assert model.grad_checkpointing and model.tokens_to_token.checkpoint_selective
+    model.set_grad_checkpointing(True)
+    assert model.grad_checkpointing and model.tokens_to_token.grad_checkpointing
     model.set_grad_checkpointing(False)
     assert not model.grad_checkpointing and not model.tokens_to_token.grad_checkpointing
 

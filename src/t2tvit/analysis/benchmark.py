@@ -51,7 +51,7 @@ class BenchmarkConfig:
     device: str = 'cpu'
     steps: int = 5
     warmup: int = 2
-    grad_checkpointing: str = ''  # '' (off), 'full' or 'selective'
+    grad_checkpointing: bool = False
     # training: 'lean' keeps LayerNorm/GELU inputs for backward, not their outputs (layers/lean.py);
     # 'plain' is autograd's own saving; '' picks lean for sdpa and plain for naive, the reference math
     activations: str = ''
@@ -69,9 +69,6 @@ class BenchmarkConfig:
                                      ('attn', self.attn, ATTN_IMPLS), ('device', self.device, DEVICES)):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
-        from ..layers.checkpointing import GRAD_CHECKPOINTING
-        if self.grad_checkpointing not in ('', *GRAD_CHECKPOINTING):
-            raise UserError(f'--grad-checkpointing {self.grad_checkpointing!r} is not one of full, selective')
         if self.activations not in ('', 'lean', 'plain'):
             raise UserError(f'--activations {self.activations!r} is not one of lean, plain')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
@@ -157,7 +154,7 @@ class StepRunner:
         model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
         model.set_lean_activations(cfg.lean)
         if cfg.grad_checkpointing:
-            model.set_grad_checkpointing(cfg.grad_checkpointing)
+            model.set_grad_checkpointing(True)
         self.model = model.to(self.device).train(cfg.mode == 'train')
         self.x = torch.randn(cfg.batch, 3, self.img_size, self.img_size, device=self.device)
         if cfg.mode == 'train':
@@ -406,7 +403,7 @@ def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
     options = (' compiled' if c.compile else '') + (
-        f' grad-checkpointing={c.grad_checkpointing}' if c.grad_checkpointing else '') + (
+        ' grad-checkpointing' if c.grad_checkpointing else '') + (
         f" activations={'lean' if c.lean else 'plain'}" if c.mode == 'train' else '')
     fraction = r.peak_fraction
     lines = [

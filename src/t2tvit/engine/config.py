@@ -81,8 +81,8 @@ class RunConfig:
     drop_rate: float = 0.0
     drop_path: float = 0.1
 
-    # -- memory: None (keep all activations), 'full' or 'selective' recomputation in backward
-    grad_checkpointing: Optional[str] = None
+    # -- memory: rerun each T2T layer and block in backward, keeping only its input
+    grad_checkpointing: bool = False
 
     # -- evaluation preprocessing; None: the model's pretrained_cfg (CIFAR's statistics on CIFAR)
     mean: Optional[Tuple[float, float, float]] = None
@@ -286,8 +286,8 @@ def check(cfg: RunConfig) -> RunConfig:
         f'amp_dtype {cfg.amp_dtype!r}: auto, bfloat16 or float16',
     )
     need(
-        cfg.grad_checkpointing in (None, 'full', 'selective'),
-        f'grad_checkpointing {cfg.grad_checkpointing!r}: full or selective (or leave it out)',
+        isinstance(cfg.grad_checkpointing, bool),
+        f'grad_checkpointing {cfg.grad_checkpointing!r}: true or false',
     )
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     need(

@@ -342,7 +342,7 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
     if cfg.grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: {cfg.model} does not support gradient checkpointing')
-        model.set_grad_checkpointing(cfg.grad_checkpointing)
+        model.set_grad_checkpointing(True)
     if pretrained is not None and resume_path is None:
         builders.transfer_weights(model, pretrained)
     del pretrained

@@ -142,7 +142,6 @@ class T2TModule(nn.Module):
             self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
         self.act = nn.GELU()  # between the convolutions of T2T-ViT-c; unused otherwise
         self.grad_checkpointing = False
-        self.checkpoint_selective = False
 
     def _split_grid(self, h: int, w: int, i: int) -> Tuple[int, int]:
         k, s, p = self.kernel_sizes[i], self.strides[i], self.paddings[i]
@@ -163,7 +162,7 @@ class T2TModule(nn.Module):
         g2 = self._split_grid(g1[0], g1[1], 1)
         x = self.soft_split0(x).transpose(1, 2)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            x = checkpoint_block(self.attention1, x, self.checkpoint_selective)
+            x = checkpoint_block(self.attention1, x)
         else:
             x = self.attention1(x)
         # re-structurization: tokens back to an image of token_dim channels
@@ -171,7 +170,7 @@ class T2TModule(nn.Module):
         stages.append(x)
         x = self.soft_split1(x).transpose(1, 2)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            x = checkpoint_block(self.attention2, x, self.checkpoint_selective)
+            x = checkpoint_block(self.attention2, x)
         else:
             x = self.attention2(x)
         x = x.transpose(1, 2).reshape(B, self.token_dim, g2[0], g2[1])

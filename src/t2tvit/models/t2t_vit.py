@@ -31,7 +31,7 @@ from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..layers.attention import Attention, check_attn_impl
-from ..layers.checkpointing import check_grad_checkpointing, checkpoint_block
+from ..layers.checkpointing import checkpoint_block
 from ..layers.lean import LeanSaving, lean_saving_applies, timm_mlp
 from ..layers.pos_table import resize_pos_table, sinusoid_table
 from ..layers.t2t import T2TModule, to_2tuple_int
@@ -133,7 +133,6 @@ class T2TViT(nn.Module):
         self.pos_embed_resize = pos_embed_resize
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
-        self.checkpoint_selective = False
         self.lean_activations = True
         self.img_size = to_2tuple_int(img_size)
 
@@ -202,16 +201,12 @@ class T2TViT(nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: Union[bool, str] = True):
-        """Recompute activations in backward: ``True``/``'full'`` (all of each block's),
-        ``'selective'`` (only the cheap element-wise ones; see ``layers/checkpointing.py``), ``False``."""
-        mode = check_grad_checkpointing(enable)
-        self.grad_checkpointing = bool(mode)
-        self.checkpoint_selective = mode == 'selective'
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Keep only each T2T layer's and block's input and rerun it in backward (``layers/checkpointing.py``)."""
+        self.grad_checkpointing = bool(enable)
         for module in self.modules():
             if isinstance(module, T2TModule):
-                module.grad_checkpointing = bool(mode)
-                module.checkpoint_selective = mode == 'selective'
+                module.grad_checkpointing = bool(enable)
         self._set_lean()
 
     @torch.jit.ignore
@@ -264,7 +259,7 @@ class T2TViT(nn.Module):
         x = self._tokens(x)[0]
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint_block(blk, x, self.checkpoint_selective)
+                x = checkpoint_block(blk, x)
             else:
                 x = blk(x)
         return self.norm(x)
@@ -305,7 +300,7 @@ class T2TViT(nn.Module):
             if stop_early and i + num_stages > max_index and not torch.jit.is_scripting():
                 break
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint_block(blk, x, self.checkpoint_selective)
+                x = checkpoint_block(blk, x)
             else:
                 x = blk(x)
             if i + num_stages in take_indices:
