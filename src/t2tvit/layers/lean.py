@@ -9,8 +9,8 @@ output registered with :meth:`LeanSaving.cheap` is stored as "run this op on the
 again" when autograd saves it, and rebuilt when backward needs it. Outputs, gradients and
 dropout masks are bit for bit those of plain autograd (the same kernel on the same input).
 
-On ``t2t_vit_t_14`` (224 px, batch 16, fp32) this takes a training step's peak memory from
-1170 MB to about 800 MB at the same speed (benchmarks/RESULTS.md). It is on by default in
+On ``t2t_vit_t_14`` (224 px, batch 16, fp32, CPU) this takes a training step's peak memory from
+1170 MB to 774 MB at the same speed (benchmarks/RESULTS.md). It is on by default in
 training; ``model.set_lean_activations(False)`` gives plain autograd. It steps aside where
 another mechanism owns the saved tensors: gradient checkpointing, ``torch.compile`` (whose
 partitioner makes the same recompute choice itself), TorchScript, fx and jit tracing.
