@@ -1,9 +1,11 @@
 """Lean activation saving: the same training step, bit for bit, in less memory."""
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import t2tvit
 from t2tvit.analysis.benchmark import BenchmarkConfig, peak_mem_mb
@@ -11,6 +13,15 @@ from t2tvit.layers import lean
 
 # one of each layer kind: Performer and Transformer T2T layers, SE / ghost / dense blocks, a patch stem
 MODELS = ['t2t_vit_7', 't2t_vit_t_14', 't2t_vit_14_se', 't2t_vit_16_ghost', 't2t_vit_dense', 't2t_vit_14_wo_t2t']
+
+
+@pytest.fixture
+def rebuilt(monkeypatch):
+    """Count of activations rebuilt from recipes in backward."""
+    count = []
+    rebuild = lean._Recipe.rebuild
+    monkeypatch.setattr(lean._Recipe, 'rebuild', lambda self: count.append(1) or rebuild(self))
+    return count
 
 
 def _train_step(model, x, y, lean_on: bool, dtype):
@@ -26,10 +37,7 @@ def _train_step(model, x, y, lean_on: bool, dtype):
 
 @pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
 @pytest.mark.parametrize('name', MODELS)
-def test_lean_saving_gives_the_same_outputs_and_gradients(name, dtype, monkeypatch):
-    rebuilt = []
-    rebuild = lean._Recipe.rebuild
-    monkeypatch.setattr(lean._Recipe, 'rebuild', lambda self: rebuilt.append(1) or rebuild(self))
+def test_lean_saving_gives_the_same_outputs_and_gradients(name, dtype, rebuilt):
     torch.manual_seed(0)
     size = 32 if name.startswith('t2t_vit_14_wo') else 64
     model = t2tvit.create_model(name, img_size=size, num_classes=10, drop_path_rate=0.1).train()
@@ -45,17 +53,37 @@ def test_lean_saving_gives_the_same_outputs_and_gradients(name, dtype, monkeypat
         assert torch.equal(grads[key], ref_grads[key]), key
 
 
-def test_lean_saving_steps_aside_for_checkpointing_and_evaluation():
-    model = t2tvit.create_model('t2t_vit_t_14', img_size=64)
-    layers = [m for m in model.modules() if hasattr(m, 'forward_lean')]
-    assert len(layers) == 2 + 14 and all(m.lean for m in layers)
+def _step(model, wrap=None):
+    x = torch.randn(2, 3, 32, 32)
+    with wrap() if wrap else contextlib.nullcontext():
+        loss = model(x).square().mean()
+    loss.backward()
+
+
+def test_lean_saving_steps_aside_where_other_saving_is_in_charge(rebuilt):
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_7', img_size=32).train()
+    _step(model)
+    assert rebuilt, 'a plain training step did not use lean saving'
+    for wrap in (torch.autograd.graph.save_on_cpu,  # offloading: its hooks keep every saved tensor on the CPU
+                 lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+        rebuilt.clear()
+        _step(model, wrap)
+        assert not rebuilt
+    # checkpointing, ours or a caller's, keeps only the layer's input: lean hooks inside would keep the rest
     model.set_grad_checkpointing(True)
-    assert not any(m.lean for m in layers)
+    rebuilt.clear()
+    _step(model)
+    assert not rebuilt
     model.set_grad_checkpointing(False)
-    assert all(m.lean for m in layers)
+    rebuilt.clear()
+    block = model.blocks[0]
+    torch.utils.checkpoint.checkpoint(block, torch.randn(2, 5, 256, requires_grad=True),
+                                      use_reentrant=False).sum().backward()
+    assert not rebuilt
     model.set_lean_activations(False)
-    model.set_grad_checkpointing(False)
-    assert not any(m.lean for m in layers)
+    _step(model)
+    assert not rebuilt
     model.set_lean_activations(True)
     assert not lean.lean_saving_applies(model.eval())
     with torch.no_grad():

@@ -67,8 +67,7 @@ class Records:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge only when epochs past the checkpoint were logged (a run that stopped on non-finite
-            # losses); a purge marker on every plain resume once made TensorBoard's reader drop a
-            # good epoch's point in a test run
+            # losses): a plain resume has nothing to take back
             stale = len(self.rows) < len(logged)
             self.tb = SummaryWriter(log_dir=str(out / 'tensorboard'),
                                     purge_step=completed_epochs + 1 if stale else None)

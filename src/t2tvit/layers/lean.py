@@ -12,8 +12,10 @@ dropout masks are bit for bit those of plain autograd (the same kernel on the sa
 On ``t2t_vit_t_14`` (224 px, batch 16, fp32, CPU) this takes a training step's peak memory from
 1170 MB to 774 MB at the same speed (benchmarks/RESULTS.md). It is on by default in
 training; ``model.set_lean_activations(False)`` gives plain autograd. It steps aside where
-another mechanism owns the saved tensors: gradient checkpointing, ``torch.compile`` (whose
-partitioner makes the same recompute choice itself), TorchScript, fx and jit tracing.
+another mechanism owns the saved tensors: gradient checkpointing (ours or a caller's
+``torch.utils.checkpoint``), ``save_on_cpu`` or any other saved-tensor hooks already active,
+``torch.compile`` (whose partitioner makes the same recompute choice itself), TorchScript, fx
+and jit tracing.
 
 Under autocast a Linear saves its low-precision copy of the normalised tokens, not the
 float32 tensor LayerNorm returns; :meth:`LeanSaving.norm` therefore makes that cast itself
@@ -30,10 +32,17 @@ except ImportError:  # pragma: no cover - older torch
     from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
 
 
+def _other_saving_hooks() -> bool:
+    """Whether saved-tensor hooks are already active: checkpointing, ``save_on_cpu`` offloading, a user's."""
+    top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+    return top is not None and top(False) is not None
+
+
 def lean_saving_applies(module: nn.Module) -> bool:
-    """Whether ``module``'s forward is being recorded by plain eager autograd for a training step."""
+    """Whether ``module``'s forward is recorded by plain eager autograd for a training step, with no
+    other mechanism owning the saved tensors (inner hooks would take them from an outer checkpoint)."""
     return (module.training and torch.is_grad_enabled() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and not is_fx_symbolic_tracing())
+            and not torch.compiler.is_compiling() and not is_fx_symbolic_tracing() and not _other_saving_hooks())
 
 
 class _Recipe:

@@ -64,7 +64,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
-        self.lean = True  # see layers/lean.py; T2TViT switches it off under gradient checkpointing
+        self.lean = True  # see layers/lean.py; T2TViT.set_lean_activations switches it
         # lean.norm casts for a single Linear reader: with several (ghost q, k, v), autocast's casts
         # would sum their gradients in float32, one shared cast in bf16
         self.lean_norm1 = isinstance(getattr(self.attn, 'qkv', None), nn.Linear)
@@ -207,20 +207,15 @@ class T2TViT(nn.Module):
         for module in self.modules():
             if isinstance(module, T2TModule):
                 module.grad_checkpointing = bool(enable)
-        self._set_lean()
 
     @torch.jit.ignore
     def set_lean_activations(self, enable: bool = True):
         """Keep the inputs of LayerNorm and GELU for backward, not their outputs (on by default; bit-identical
-        results, less memory: ``layers/lean.py``). Off under gradient checkpointing, which owns the saving there."""
+        results, less memory: ``layers/lean.py``). Gradient checkpointing, where active, owns the saving."""
         self.lean_activations = bool(enable)
-        self._set_lean()
-
-    def _set_lean(self):
-        on = self.lean_activations and not self.grad_checkpointing
         for module in self.modules():
             if hasattr(module, 'lean') and isinstance(module.lean, bool):
-                module.lean = on
+                module.lean = self.lean_activations
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
