@@ -287,14 +287,17 @@ def _tensorboard_scalars(out, tag):
     return [(e.step, pytest.approx(e.value, rel=1e-5)) for e in events.Scalars(tag)]
 
 
-def test_grad_checkpointing_trains_the_same_weights(folder, tmp_path):
-    plain, checkpointed = tmp_path / 'plain', tmp_path / 'checkpointed'
-    assert main(_resume_args(folder, plain) + ['--epochs', '1']) == 0
-    assert main(_resume_args(folder, checkpointed) + ['--epochs', '1', '--grad-checkpointing']) == 0
-    a, b = load(plain / 'last.pth'), load(checkpointed / 'last.pth')
-    for key in ('model', 'ema', 'optimizer'):
-        assert_same_tensors(a[key], b[key], where=key)
-    assert b['config']['grad_checkpointing'] is True
+@pytest.mark.parametrize('flags, key, value', [(['--grad-checkpointing'], 'grad_checkpointing', True),
+                                               (['--activations', 'plain'], 'activations', 'plain')])
+def test_memory_options_train_the_same_weights(folder, tmp_path, flags, key, value):
+    # the default keeps LayerNorm/GELU inputs (lean); checkpointing and plain autograd saving must agree bit for bit
+    default, other = tmp_path / 'default', tmp_path / 'other'
+    assert main(_resume_args(folder, default) + ['--epochs', '1']) == 0
+    assert main(_resume_args(folder, other) + ['--epochs', '1', *flags]) == 0
+    a, b = load(default / 'last.pth'), load(other / 'last.pth')
+    for part in ('model', 'ema', 'optimizer'):
+        assert_same_tensors(a[part], b[part], where=part)
+    assert a['config']['activations'] == 'lean' and b['config'][key] == value
 
 
 def test_sigterm_mid_epoch_saves_and_resume_matches(tmp_path):

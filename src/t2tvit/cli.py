@@ -288,6 +288,10 @@ def _add_run_flags(p, finetune: bool):
     m.add_argument('--grad-checkpointing', action='store_true', default=S,
                    help='keep only the input of each T2T layer and block and rerun it in backward: the least '
                         'memory for about 20%% more time, the same weights')
+    m.add_argument('--activations', default=S, choices=['lean', 'plain'],
+                   help='lean (default): keep the inputs of LayerNorm and GELU for backward and recompute their '
+                        'outputs, the same weights in less memory; plain: keep the outputs (a few %% faster on '
+                        'small models, whose memory is no concern)')
 
 
 def _run_train(args) -> int:

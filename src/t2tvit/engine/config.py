@@ -83,6 +83,8 @@ class RunConfig:
 
     # -- memory: rerun each T2T layer and block in backward, keeping only its input
     grad_checkpointing: bool = False
+    # 'lean': LayerNorm/GELU outputs recomputed in backward from their kept inputs (layers/lean.py); 'plain'
+    activations: str = 'lean'
 
     # -- evaluation preprocessing; None: the model's pretrained_cfg (CIFAR's statistics on CIFAR)
     mean: Optional[Tuple[float, float, float]] = None
@@ -289,6 +291,7 @@ def check(cfg: RunConfig) -> RunConfig:
         isinstance(cfg.grad_checkpointing, bool),
         f'grad_checkpointing {cfg.grad_checkpointing!r}: true or false',
     )
+    need(cfg.activations in ('lean', 'plain'), f'activations {cfg.activations!r}: lean or plain')
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     need(
         not mixing or cfg.batch_size % 2 == 0,

@@ -343,6 +343,8 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: {cfg.model} does not support gradient checkpointing')
         model.set_grad_checkpointing(True)
+    if hasattr(model, 'set_lean_activations'):  # t2tvit's models; other timm models train plainly
+        model.set_lean_activations(cfg.activations == 'lean')
     if pretrained is not None and resume_path is None:
         builders.transfer_weights(model, pretrained)
     del pretrained
