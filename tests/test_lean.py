@@ -98,3 +98,14 @@ def test_lean_training_step_needs_less_memory():
     lean_mb = peak_mem_mb(cfg)
     plain_mb = peak_mem_mb(BenchmarkConfig(**{**cfg.__dict__, 'activations': 'plain'}))
     assert lean_mb < 0.85 * plain_mb, (lean_mb, plain_mb)
+
+
+def test_forward_hooks_see_each_forward_once():
+    # feature extraction hooks on a norm or activation must not fire again when backward rebuilds
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_7', img_size=32).train()
+    calls = []
+    for module in (model.blocks[0].norm1, model.blocks[0].mlp.act):
+        module.register_forward_hook(lambda *_: calls.append(1))
+    _step(model)
+    assert len(calls) == 2

@@ -13,11 +13,11 @@ On ``t2t_vit_t_14`` (224 px, batch 16, fp32, CPU) this takes a training step's p
 1170 MB to 774 MB at the same speed (benchmarks/RESULTS.md); on the 0.6M-parameter 32 px demo
 model, where the element-wise ops are a larger share, the recomputation costs about 7% of a step.
 It is on by default in training; ``model.set_lean_activations(False)`` (``--activations plain``)
-gives plain autograd. It steps aside where
-another mechanism owns the saved tensors: gradient checkpointing (ours or a caller's
-``torch.utils.checkpoint``), ``save_on_cpu`` or any other saved-tensor hooks already active,
-``torch.compile`` (whose partitioner makes the same recompute choice itself), TorchScript, fx
-and jit tracing.
+gives plain autograd. It steps aside where another mechanism owns the saved tensors: gradient
+checkpointing (ours or a caller's ``torch.utils.checkpoint``), ``save_on_cpu`` or any other
+saved-tensor hooks already active, ``torch.compile`` (whose partitioner makes the same
+recompute choice itself), TorchScript, fx and jit tracing. Recipes call ``module.forward``, so
+a caller's forward hooks on a LayerNorm or GELU see each forward once, not again in backward.
 
 Under autocast a Linear saves its low-precision copy of the normalised tokens, not the
 float32 tensor LayerNorm returns; :meth:`LeanSaving.norm` therefore makes that cast itself
@@ -104,15 +104,15 @@ class LeanSaving(torch.autograd.graph.saved_tensors_hooks):
         y = norm(x)
         if enabled and y.dtype != dtype and y.dtype in (torch.float32, torch.float64):
             def fn(t: torch.Tensor) -> torch.Tensor:
-                return norm(t).to(dtype)
+                return norm.forward(t).to(dtype)
             return self.cheap(y.to(dtype), fn, x)
-        return self.cheap(y, norm, x)
+        return self.cheap(y, norm.forward, x)
 
     def mlp(self, fc1: nn.Module, act: nn.Module, rest: Callable[[torch.Tensor], torch.Tensor],
             x: torch.Tensor) -> torch.Tensor:
         """``rest(act(fc1(x)))`` with ``act``'s output registered (``rest`` starts with ``fc2``)."""
         h = fc1(x)
-        return rest(self.cheap(act(h), act, h))
+        return rest(self.cheap(act(h), act.forward, h))
 
     def _pack(self, t: torch.Tensor) -> Any:
         try:
