@@ -41,9 +41,9 @@ def _other_saving_hooks() -> bool:
 
 
 def lean_saving_applies(module: nn.Module) -> bool:
-    """Whether ``module``'s forward is recorded by plain eager autograd for a training step, with no
-    other mechanism owning the saved tensors (inner hooks would take them from an outer checkpoint)."""
-    return (module.training and torch.is_grad_enabled() and not torch.jit.is_tracing()
+    """Whether ``module`` (its ``lean`` switch on) is recorded by plain eager autograd for a training step,
+    with no other mechanism owning the saved tensors (inner hooks would take them from an outer checkpoint)."""
+    return (getattr(module, 'lean', True) and module.training and torch.is_grad_enabled() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not is_fx_symbolic_tracing() and not _other_saving_hooks())
 
 

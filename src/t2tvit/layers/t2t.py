@@ -71,7 +71,7 @@ class TokenTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.lean and lean_saving_applies(self):
+            if lean_saving_applies(self):
                 return self.forward_lean(x)
         x = self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))

@@ -206,7 +206,7 @@ class DenseBlock(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Block.forward written out: TorchScript has no super()
         if not torch.jit.is_scripting():
-            if self.lean and lean_saving_applies(self):
+            if lean_saving_applies(self):
                 return torch.cat((x, self.dense_linear(self.forward_lean(x))), dim=2)
         y = x + self.drop_path(self.attn(self.norm1(x)))
         y = y + self.drop_path(self.mlp(self.norm2(y)))

@@ -71,7 +71,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.lean and lean_saving_applies(self):
+            if lean_saving_applies(self):
                 return self.forward_lean(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -133,7 +133,6 @@ class T2TViT(nn.Module):
         self.pos_embed_resize = pos_embed_resize
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
-        self.lean_activations = True
         self.img_size = to_2tuple_int(img_size)
 
         self.tokens_to_token = self._build_stem(
@@ -212,10 +211,9 @@ class T2TViT(nn.Module):
     def set_lean_activations(self, enable: bool = True):
         """Keep the inputs of LayerNorm and GELU for backward, not their outputs (on by default; bit-identical
         results, less memory: ``layers/lean.py``). Gradient checkpointing, where active, owns the saving."""
-        self.lean_activations = bool(enable)
         for module in self.modules():
-            if hasattr(module, 'lean') and isinstance(module.lean, bool):
-                module.lean = self.lean_activations
+            if hasattr(module, 'forward_lean'):
+                module.lean = bool(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
