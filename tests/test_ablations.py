@@ -90,9 +90,9 @@ def test_ghost_mlp_needs_a_whole_hidden_ratio():
 
 
 def test_wo_t2t_keeps_the_fixed_sinusoid_table_and_vit_learns_its_own():
-    frozen = {n for n, p in _model('t2t_vit_14_wo_t2t').named_parameters() if not p.requires_grad}
-    assert frozen == {'pos_embed'}
-    assert all(p.requires_grad for p in _model('vit_dn').parameters())
+    wo_t2t, vit = _model('t2t_vit_14_wo_t2t'), _model('vit_dn')
+    assert 'pos_embed' in dict(wo_t2t.named_buffers()) and 'pos_embed' not in dict(wo_t2t.named_parameters())
+    assert 'pos_embed' in dict(vit.named_parameters()) and all(p.requires_grad for p in vit.parameters())
 
 
 def test_vit_s_16_loads_timm_vision_transformer_weights():

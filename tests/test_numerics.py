@@ -16,7 +16,7 @@ from t2tvit.models import PAPER_RESULTS
 class PerformerCore(torch.nn.Module):
     def __init__(self, w):
         super().__init__()
-        self.w = torch.nn.Parameter(w, requires_grad=False)
+        self.register_buffer('w', w)
 
     def forward(self, q, k, v):
         # called through its module, where torch.fx.wrap made it a leaf

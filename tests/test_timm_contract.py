@@ -65,14 +65,15 @@ def test_num_classes_in_chans_and_drop_path_kwargs():
     assert rates and max(rates) == pytest.approx(0.1)
 
 
-def test_backward_reaches_every_trainable_parameter():
+def test_backward_reaches_every_parameter_and_the_fixed_tables_are_buffers():
     model = _model(num_classes=5).train()
     model(_x()).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    # the reference keeps the sinusoid table and the Performer features fixed
-    assert frozen == {'pos_embed', 'tokens_to_token.attention1.w', 'tokens_to_token.attention2.w'}
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # the reference's frozen sinusoid table and Performer features: buffers under the reference's keys
+    fixed = ['pos_embed', 'tokens_to_token.attention1.w', 'tokens_to_token.attention2.w']
+    assert set(fixed) <= dict(model.named_buffers()).keys()
+    assert set(fixed) <= model.state_dict().keys()
+    assert not set(fixed) & dict(model.named_parameters()).keys()
 
 
 @pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14', 't2t_vit_14_wo_t2t'])
@@ -175,17 +176,43 @@ def test_every_model_scripts_and_fx_traces_to_its_eager_outputs(registered):
         torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_every_model_trains_every_parameter_but_its_fixed_tables(registered):
+def test_every_model_trains_every_parameter(registered):
+    # timm's test_model_backward: a gradient for every parameter, as many gradient values as parameters
     _, model, x = registered
     model = copy.deepcopy(model).train()
     y = model(x)
     assert y.shape == (2, 5) and torch.isfinite(y).all()
     y.mean().backward()
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, p in model.named_parameters() if p.grad is not None}
-    # the reference keeps the sinusoid table and the Performer's random features fixed; ViT learns its table
-    assert {n for n, p in model.named_parameters() if not p.requires_grad} <= {
-        'pos_embed', 'tokens_to_token.attention1.w', 'tokens_to_token.attention2.w'}
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert sum(p.grad.numel() for p in model.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def _timm_fx_extractor(model, train: bool):
+    """The model traced the way timm's fx tests trace it: torchvision's feature extractor, timm's leaf
+    modules and wrapped functions, returning the graph's output node."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    kwargs = {'leaf_modules': list(get_notrace_modules()), 'autowrap_functions': list(get_notrace_functions())}
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=kwargs).train(train)
+
+
+def test_every_model_traces_with_timms_fx_extractor_forward_and_backward(registered):
+    _, model, x = registered
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = model(x)
+        out = list(_timm_fx_extractor(model, train=False)(x).values())[0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # timm's test_model_backward_fx: the traced training graph reaches every parameter
+    fx_model = _timm_fx_extractor(model.train(), train=True)
+    y = list(fx_model(x).values())[0]
+    assert y.shape == (2, 5)
+    y.mean().backward()
+    assert [n for n, p in fx_model.named_parameters() if p.grad is None] == []
+    assert sum(p.numel() for p in fx_model.parameters()) == sum(p.numel() for p in model.parameters())
 
 
 def test_every_model_keeps_timms_head_contract(registered):
@@ -204,7 +231,9 @@ def test_every_model_keeps_timms_head_contract(registered):
         torch.testing.assert_close(model(x), pre)
         model.reset_classifier(0, '')
         torch.testing.assert_close(model(x), tokens)
-    assert {'cls_token', 'pos_embed'} <= model.no_weight_decay()
+    # the class token is never decayed; the position table only where it is learned (a parameter)
+    assert model.no_weight_decay() == ({'cls_token', 'pos_embed'} if isinstance(model.pos_embed, torch.nn.Parameter)
+                                       else {'cls_token'})
 
 
 @pytest.mark.parametrize('name', t2tvit.list_models())
@@ -238,3 +267,43 @@ def test_every_model_gives_the_feature_maps_its_feature_info_lists(registered):
     assert features.feature_info.module_name() == (
         ['tokens_to_token.attention1', 'tokens_to_token.attention2', f'blocks.{last}'] if model.num_stem_stages
         else [f'blocks.{last - 2}', f'blocks.{last - 1}', f'blocks.{last}'])
+
+
+@pytest.mark.parametrize('name', t2tvit.list_models())
+def test_every_model_keeps_timms_factory_contract(name):
+    """What timm's test_model_default_cfgs_non_std asks beyond shapes, on the meta device as timm runs it."""
+    import fnmatch
+
+    from timm.models._manipulate import group_parameters
+
+    model = timm.create_model(name, device='meta', dtype=torch.float32).eval()
+    placed = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert placed == {'meta'}  # the factory's device reaches every parameter and buffer
+    assert model.in_chans == model.pretrained_cfg['input_size'][0] == 3
+    with pytest.raises(TypeError):
+        timm.create_model(name, device='meta', not_a_model_arg=1)
+    names = [n for n, _ in model.named_parameters()]
+    assert all(any(fnmatch.fnmatch(n, pattern) for n in names) for pattern in model.no_weight_decay())
+    assert len(set(group_parameters(model, model.group_matcher(coarse=False), reverse=True).values())) > 1
+    h, w = model.pretrained_cfg['input_size'][1:]
+    x = torch.randn(1, 3, h, w, device='meta')
+    assert model.to(torch.bfloat16)(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    # a new head takes the model's device, dtype and mode; a frozen model stays frozen
+    model.to(dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    assert {(p.device.type, p.dtype) for p in model.head.parameters()} == {('meta', torch.float64)}
+    assert not any(m.training for m in model.modules())
+    model.requires_grad_(False)
+    model.reset_classifier(0)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_dtype_argument_builds_the_model_in_that_dtype_with_the_reference_table():
+    from t2tvit.layers.pos_table import sinusoid_table
+
+    model = timm.create_model(SMALL, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(model.pos_embed, sinusoid_table(65, 256).to(torch.bfloat16), rtol=0, atol=0)
+    with torch.device('meta'):
+        assert timm.create_model(SMALL).pos_embed.device.type == 'meta'

@@ -106,8 +106,9 @@ def _run_profile(args) -> int:
 
 
 def _add_profile(sub):
-    p = _command(sub, 'profile', "count a model's parameters and MACs (batch 1), beside the paper's numbers",
-                 _run_profile)
+    p = _command(sub, 'profile', ("count a model's parameters and MACs (batch 1), beside the paper's numbers; "
+                                  "params include the fixed position table and Performer features, buffers here, "
+                                  "as the reference counts them"), _run_profile)
     p.add_argument('--model', required=True, help='registered model name, e.g. t2t_vit_14')
     p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's, 224)")
     p.add_argument('--json', action='store_true',

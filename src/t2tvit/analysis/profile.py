@@ -4,8 +4,9 @@ What is counted, the convention of the reference measurements in
 ``../shared/fixtures/reference_params_macs.json`` (torch's ``FlopCounterMode`` run on the
 authors' code):
 
-- params: every parameter, the frozen ones included (the sinusoid table ``pos_embed`` and the
-  Performer's random features ``w``);
+- params: every parameter, plus the two fixed tensors the reference holds as frozen parameters and
+  this code as buffers (the sinusoid table ``pos_embed`` and the Performer's random features ``w``,
+  named by each module's ``reference_parameters``);
 - MACs: the multiply-accumulates of matrix products and convolutions for one image (batch 1),
   ``FlopCounterMode``'s FLOPs / 2. Normalisations, softmax, activations and elementwise products
   are not counted.
@@ -94,8 +95,11 @@ class Profile:
 
 
 def count_params(model: nn.Module) -> int:
-    """Every parameter, trainable or frozen."""
-    return sum(p.numel() for p in model.parameters())
+    """Every parameter, and every buffer the reference keeps as a frozen parameter (its count's convention)."""
+    fixed = sum(getattr(module, name).numel() for module in model.modules()
+                for name in getattr(module, 'reference_parameters', ())
+                if isinstance(getattr(module, name, None), torch.Tensor) and name in module._buffers)
+    return sum(p.numel() for p in model.parameters()) + fixed
 
 
 def _count_flops(model: nn.Module, img_size: tuple[int, int], in_chans: int) -> int:

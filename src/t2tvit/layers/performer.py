@@ -66,6 +66,9 @@ torch.fx.wrap('performer_attention')
 
 
 class TokenPerformer(nn.Module):
+    # buffers the reference holds as frozen Parameters; `t2tvit profile` counts them as it does
+    reference_parameters = ('w',)
+
     def __init__(
             self,
             dim: int,
@@ -91,8 +94,10 @@ class TokenPerformer(nn.Module):
             nn.Linear(self.emb, self.emb),
             nn.Dropout(dp2),
         )
+        # a persistent buffer, not a frozen Parameter: it is never trained, so optimizers and gradient
+        # checks (timm's model tests) need not skip it; the state-dict key ``w`` and its place stay the reference's
         w = nn.init.orthogonal_(torch.empty(self.m, self.emb)) * math.sqrt(self.m)
-        self.w = nn.Parameter(w, requires_grad=False)
+        self.register_buffer('w', w)
         self.lean = True  # see layers/lean.py
 
     def random_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Position tables: the reference's fixed sinusoid table and its resizing.
 
 The reference T2T-ViT keeps a *fixed* sinusoid table (a parameter with
-``requires_grad=False``) whose first row belongs to the class token. Transfer to
+``requires_grad=False``; a buffer here, under the same key) whose first row belongs to the class token. Transfer to
 another image size resizes the grid part bicubically (reference ``utils.py``,
 ``F.interpolate(mode='bicubic')``, ``align_corners=False``).
 """
@@ -12,16 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
-def sinusoid_table(num_positions: int, dim: int) -> torch.Tensor:
-    """The reference sinusoid table, computed in float64 and returned as float32 (1, N, dim)."""
-    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
-    j = torch.arange(dim, dtype=torch.float64)[None, :]
+def sinusoid_table(num_positions: int, dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The reference sinusoid table, computed in float64 and returned as float32 (1, N, dim).
+
+    Computed on the CPU whatever the default device (the same bits as the reference on every
+    machine), then moved to ``device`` (default: the CPU).
+    """
+    position = torch.arange(num_positions, dtype=torch.float64, device='cpu')[:, None]
+    j = torch.arange(dim, dtype=torch.float64, device='cpu')[None, :]
     exponent = 2 * torch.div(j, 2, rounding_mode='floor') / dim
-    angle = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponent)
+    angle = position / torch.pow(torch.tensor(10000.0, dtype=torch.float64, device='cpu'), exponent)
     table = torch.empty_like(angle)
     table[:, 0::2] = torch.sin(angle[:, 0::2])
     table[:, 1::2] = torch.cos(angle[:, 1::2])
-    return table.to(torch.float32)[None]
+    return table.to(device=device, dtype=torch.float32)[None]
 
 
 def resize_pos_table(

@@ -20,6 +20,7 @@ numbers of a released checkpoint:
 - the forward returns timm's contract: ``forward_features`` gives all tokens,
   ``forward_head`` takes the class token.
 """
+import contextlib
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -90,6 +91,8 @@ class T2TViT(nn.Module):
 
     # feature maps the stem gives before the blocks (the two T2T stages); ablations without T2T have none
     num_stem_stages: int = 2
+    # buffers the reference holds as frozen Parameters; `t2tvit profile` counts them as it does
+    reference_parameters = ('pos_embed',)
 
     def __init__(
             self,
@@ -127,6 +130,7 @@ class T2TViT(nn.Module):
         norm_layer = norm_layer or nn.LayerNorm
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.in_chans = in_chans
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.attn_impl = check_attn_impl(attn_impl)
@@ -143,8 +147,10 @@ class T2TViT(nn.Module):
         num_patches = self.grid_size[0] * self.grid_size[1]
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # fixed (untrained) sinusoid table, saved in the state dict like the reference's
-        self.pos_embed = nn.Parameter(sinusoid_table(num_patches + 1, embed_dim), requires_grad=False)
+        # fixed (untrained) sinusoid table, saved in the state dict under the reference's key; a buffer
+        # rather than the reference's frozen Parameter, so every parameter of the model gets a gradient
+        # (on the default device: a model built under torch.device('meta') or create_model(device=...) holds it there)
+        self.register_buffer('pos_embed', sinusoid_table(num_patches + 1, embed_dim, torch.get_default_device()))
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         # CPU scalars, so that the model can also be built on the meta device (profiling)
@@ -190,7 +196,8 @@ class T2TViT(nn.Module):
     # -- timm model contract ---------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {'cls_token', 'pos_embed'}
+        # the fixed sinusoid table is a buffer, not a parameter; a learned table (the ViT baselines) is one
+        return {'cls_token', 'pos_embed'} if isinstance(self.pos_embed, nn.Parameter) else {'cls_token'}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -225,7 +232,10 @@ class T2TViT(nn.Module):
             if global_pool not in ('token', ''):
                 raise ValueError(f"global_pool {global_pool!r} is not supported (expected 'token')")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # the new head lives where the model does (timm's contract: its device, dtype and train/eval mode)
+        like = self.cls_token
+        self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity()).train(self.training)
 
     # -- forward ---------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -404,15 +414,22 @@ def _num_feature_stages(model_cls, kwargs) -> int:
 
 def create_t2t_vit(variant: str, pretrained: bool = False, model_cls=T2TViT,
                    configs: Optional[Dict[str, Dict[str, Any]]] = None, **kwargs) -> nn.Module:
-    """Build a registered variant: its entry in ``configs`` (default ``MODEL_CONFIGS``), overridden by ``kwargs``."""
+    """Build a registered variant: its entry in ``configs`` (default ``MODEL_CONFIGS``), overridden by ``kwargs``.
+
+    ``device`` and ``dtype`` are timm's factory arguments: every parameter and buffer is created on
+    ``device`` (``'meta'`` allocates nothing) and the model is then cast to ``dtype``.
+    """
     model_args = {**(MODEL_CONFIGS if configs is None else configs)[variant], **kwargs}
     out_indices = model_args.pop('out_indices', (0, 1, -1))
-    return build_model_with_cfg(
-        model_cls, variant, pretrained,
-        pretrained_strict=True,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **model_args,
-    )
+    device, dtype = model_args.pop('device', None), model_args.pop('dtype', None)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(
+            model_cls, variant, pretrained,
+            pretrained_strict=True,
+            feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+            **model_args,
+        )
+    return model if dtype is None else model.to(dtype=dtype)
 
 
 def _entry_point(name: str, configs: dict[str, dict[str, Any]], model_cls: type[T2TViT]):
