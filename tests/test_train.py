@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
 from t2tvit.cli import main
+from t2tvit.engine.config import shipped_presets
 from train_helpers import QUICK, TINY, assert_same_tensors, load, subprocess_env, write_folder
 
 
@@ -484,7 +484,7 @@ def test_demo_reaches_97_percent_on_held_out_digits(tmp_path):
     assert len(predictions) == 8
 
 
-@pytest.mark.parametrize('preset', sorted(p.stem for p in (ROOT / 'configs').glob('*.yaml')))
+@pytest.mark.parametrize('preset', sorted(shipped_presets()))
 def test_every_preset_parses_and_builds_its_model(preset):
     import t2tvit
     from t2tvit.engine.config import build_config

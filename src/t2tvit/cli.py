@@ -222,7 +222,8 @@ def _add_run_flags(p, finetune: bool):
                         'omitted: the built-in digits')
     g = p.add_argument_group('run')
     g.add_argument('-c', '--config', metavar='YAML',
-                   help='preset (configs/NAME.yaml or a path); flags override it')
+                   help='a YAML file, or a preset NAME: ./configs/NAME.yaml if there, else the one shipped '
+                        'with t2tvit (demo, t2t_vit_14, finetune_cifar10, ...); flags override it')
     g.add_argument('--model', default=S, help='registered model name, e.g. t2t_vit_14')
     g.add_argument('--model-kwargs', nargs='+', metavar='KEY=VALUE',
                    help='extra model arguments, e.g. depth=4')

@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the command's defaults (``train``: the paper's ImageNet recipe from the
 reference ``main.py`` and README; ``finetune``: the reference ``transfer_learning.py`` recipe), then
-the YAML preset given with ``--config``, then the flags given on the command line. The resolved
+the YAML preset given with ``--config`` (a path, ``./configs/NAME.yaml``, or a preset NAME shipped
+in the package's ``configs/`` folder), then the flags given on the command line. The resolved
 config is written to ``OUTPUT/config.yaml`` and into every checkpoint, and can be passed back with
 ``--config``.
 """
@@ -11,6 +12,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -203,30 +205,45 @@ def apply(cfg: RunConfig, values: Mapping[str, Any], source: str) -> RunConfig:
     return dataclasses.replace(cfg, **updates)
 
 
-def find_preset(name_or_path: str) -> Path:
-    """A preset path, or a bare name looked up in ./configs and the project's configs/ folder."""
+def shipped_presets() -> Dict[str, Any]:
+    """The presets shipped inside the package (``t2tvit/configs/NAME.yaml``), by name.
+
+    Read through :mod:`importlib.resources`, so they are found in an editable install, a wheel
+    installed anywhere, or a zipped package alike.
+    """
+    folder = resources.files('t2tvit').joinpath('configs')
+    if not folder.is_dir():
+        return {}
+    return {
+        x.name[: -len('.yaml')]: x for x in sorted(folder.iterdir(), key=lambda x: x.name) if x.name.endswith('.yaml')
+    }
+
+
+def find_preset(name_or_path: str):
+    """A preset file: a path as given, else a bare NAME as ./configs/NAME.yaml, else the shipped preset NAME.
+
+    Returns a :class:`pathlib.Path` or an :mod:`importlib.resources` traversable (both have
+    ``read_text`` and print as their location).
+    """
     p = Path(name_or_path)
     if p.is_file():
         return p
-    candidates = []
     if p.suffix not in ('.yaml', '.yml') and len(p.parts) == 1:
-        for folder in (Path.cwd() / 'configs', PROJECT_CONFIGS):
-            candidates.append(folder / f'{name_or_path}.yaml')
-    for c in candidates:
-        if c.is_file():
-            return c
-    names = sorted(x.stem for x in PROJECT_CONFIGS.glob('*.yaml')) if PROJECT_CONFIGS.is_dir() else []
+        local = Path.cwd() / 'configs' / f'{name_or_path}.yaml'
+        if local.is_file():
+            return local
+        shipped = shipped_presets()
+        if name_or_path in shipped:
+            return shipped[name_or_path]
+    names = list(shipped_presets())
     hint = f' (presets: {", ".join(names)})' if names else ''
     raise UserError(f'config {name_or_path}: no such file{hint}')
-
-
-PROJECT_CONFIGS = Path(__file__).resolve().parents[3] / 'configs'
 
 
 def read_preset(name_or_path: str) -> Dict[str, Any]:
     path = find_preset(name_or_path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' line {mark.line + 1}' if mark is not None else ''
