@@ -176,7 +176,7 @@ def test_finetune_keeps_the_backbone_and_sizes_a_new_head(trained, tmp_path):
     assert code == 0
     src, ft = load(trained / 'best.pth'), load(out / 'last.pth')
     assert ft['config']['model_kwargs']['img_size'] == 48 and ft['class_names'] == ['cross', 'stripes']
-    assert ft['config']['opt'] == 'sgd' and ft['config']['lr'] == 0.05  # the reference transfer recipe
+    assert ft['config']['opt'] == 'momentum' and ft['config']['lr'] == 0.05  # the reference transfer recipe
     assert ft['model']['head.weight'].shape == (2, 32)
     assert ft['model']['pos_embed'].shape == (1, 1 + 12 * 12, 32)  # 48 px: a 12x12 token grid
     assert torch.equal(ft['model']['blocks.0.attn.qkv.weight'], src['ema']['blocks.0.attn.qkv.weight'])

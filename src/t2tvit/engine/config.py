@@ -45,8 +45,11 @@ class RunConfig:
     overwrite: bool = False
     stop_after_epochs: Optional[int] = None
 
-    # -- schedule (timm's cosine with warm-up and cool-down, stepped per epoch as in the reference)
-    epochs: int = 300
+    # -- schedule (timm's cosine with warm-up and cool-down, stepped per epoch as in the reference).
+    # ``epochs`` is every epoch the run trains, warm-up and cool-down included: the reference's 300
+    # cosine epochs + 10 cool-down epochs at min_lr are 310. Short runs shrink the warm-up to at
+    # most a fifth of the run and the cool-down to at most a tenth (engine/builders.py: epoch_plan).
+    epochs: int = 310
     sched: str = 'cosine'
     warmup_epochs: int = 10
     warmup_lr: float = 1e-6
@@ -62,6 +65,9 @@ class RunConfig:
     momentum: float = 0.9
     clip_grad: Optional[float] = None
     transfer_ratio: Optional[float] = None  # backbone lr = lr * transfer_ratio, head lr = lr
+    # with transfer_ratio: also train cls_token and the final norm (at the backbone lr); the reference
+    # transfer_learning.py leaves them out of the optimizer, so they keep their pretrained values
+    transfer_all: bool = False
     batch_size: int = 64  # per process
 
     # -- augmentation and regularization
@@ -130,7 +136,9 @@ class RunConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 # The reference transfer recipe (transfer_learning.py with the README's flags): CIFAR at 224,
-# SGD momentum 0.9, lr 0.05 at batch 64, wd 5e-4, cosine to 2e-4 over 60 epochs, backbone at 1%.
+# plain (not Nesterov) SGD momentum 0.9 (timm's 'momentum'; its 'sgd' is Nesterov), lr 0.05 at
+# batch 64, wd 5e-4 on every trained tensor, cosine to 2e-4 over 60 epochs, the T2T module and the
+# blocks at 1% of the head's lr, cls_token and the final norm not trained, fp32.
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     output='runs/finetune',
     epochs=60,
@@ -138,7 +146,7 @@ FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     warmup_epochs=0,
     cooldown_epochs=0,
     min_lr=2e-4,
-    opt='sgd',
+    opt='momentum',
     lr=0.05,
     lr_base_size=64,
     weight_decay=5e-4,
@@ -155,6 +163,7 @@ FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     smoothing=0.0,
     reprob=0.0,
     model_ema=False,
+    amp=False,
 )
 
 
@@ -282,6 +291,8 @@ def check(cfg: RunConfig) -> RunConfig:
     need(cfg.epochs >= 1, f'--epochs {cfg.epochs}: must be at least 1')
     need(cfg.batch_size >= 1, f'--batch-size {cfg.batch_size}: must be at least 1')
     need(cfg.lr > 0, f'--lr {cfg.lr}: must be positive')
+    need(cfg.warmup_epochs >= 0, f'--warmup-epochs {cfg.warmup_epochs}: must be 0 or more')
+    need(cfg.cooldown_epochs >= 0, f'--cooldown-epochs {cfg.cooldown_epochs}: must be 0 or more')
     need(cfg.workers >= 0, f'--workers {cfg.workers}: must be 0 or more')
     need(
         cfg.stop_after_epochs is None or cfg.stop_after_epochs >= 1,
