@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
 from t2tvit.cli import main
+from t2tvit.engine.config import shipped_presets
 from train_helpers import QUICK, TINY, assert_same_tensors, load, subprocess_env, write_folder
 
 
@@ -176,7 +176,7 @@ def test_finetune_keeps_the_backbone_and_sizes_a_new_head(trained, tmp_path):
     assert code == 0
     src, ft = load(trained / 'best.pth'), load(out / 'last.pth')
     assert ft['config']['model_kwargs']['img_size'] == 48 and ft['class_names'] == ['cross', 'stripes']
-    assert ft['config']['opt'] == 'sgd' and ft['config']['lr'] == 0.05  # the reference transfer recipe
+    assert ft['config']['opt'] == 'momentum' and ft['config']['lr'] == 0.05  # the reference transfer recipe
     assert ft['model']['head.weight'].shape == (2, 32)
     assert ft['model']['pos_embed'].shape == (1, 1 + 12 * 12, 32)  # 48 px: a 12x12 token grid
     assert torch.equal(ft['model']['blocks.0.attn.qkv.weight'], src['ema']['blocks.0.attn.qkv.weight'])
@@ -484,7 +484,7 @@ def test_demo_reaches_97_percent_on_held_out_digits(tmp_path):
     assert len(predictions) == 8
 
 
-@pytest.mark.parametrize('preset', sorted(p.stem for p in (ROOT / 'configs').glob('*.yaml')))
+@pytest.mark.parametrize('preset', sorted(shipped_presets()))
 def test_every_preset_parses_and_builds_its_model(preset):
     import t2tvit
     from t2tvit.engine.config import build_config

@@ -223,7 +223,8 @@ def _add_run_flags(p, finetune: bool):
                         'omitted: the built-in digits')
     g = p.add_argument_group('run')
     g.add_argument('-c', '--config', metavar='YAML',
-                   help='preset (configs/NAME.yaml or a path); flags override it')
+                   help='a YAML file, or a preset NAME: ./configs/NAME.yaml if there, else the one shipped '
+                        'with t2tvit (demo, t2t_vit_14, finetune_cifar10, ...); flags override it')
     g.add_argument('--model', default=S, help='registered model name, e.g. t2t_vit_14')
     g.add_argument('--model-kwargs', nargs='+', metavar='KEY=VALUE',
                    help='extra model arguments, e.g. depth=4')
@@ -241,13 +242,15 @@ def _add_run_flags(p, finetune: bool):
     g.add_argument('-j', '--workers', type=int, default=S, help='data loader processes per rank (default 4)')
     g.add_argument('--device', default=S, help='cuda, cuda:1, cpu (default: cuda if available)')
     g.add_argument('--amp', action='store_const', const=True, default=S,
-                   help='autocast (bf16 where supported, else fp16); default on CUDA only')
+                   help='autocast (bf16 where supported, else fp16); default: ' +
+                        ('off (fp32, as the reference transfer recipe)' if finetune else 'on CUDA only'))
     g.add_argument('--no-amp', dest='amp', action='store_const', const=False, default=S, help='fp32')
     g.add_argument('--no-progress', dest='progress', action='store_const', const=False, default=S,
                    help='no progress bars (the per-epoch lines stay)')
     o = p.add_argument_group('optimization')
     o.add_argument('-b', '--batch-size', type=int, default=S, metavar='B', help='per process')
-    o.add_argument('--epochs', type=int, default=S, metavar='E')
+    o.add_argument('--epochs', type=int, default=S, metavar='E',
+                   help='epochs to train, warm-up and cool-down included')
     o.add_argument('--lr', type=float, default=S,
                    help='for a global batch of --lr-base-size (scaled linearly)')
     o.add_argument('--lr-base-size', type=int, default=S, metavar='N', help='0: use --lr as given')
@@ -256,13 +259,17 @@ def _add_run_flags(p, finetune: bool):
     o.add_argument('--momentum', type=float, default=S)
     o.add_argument('--clip-grad', type=float, default=S, metavar='NORM', help='clip the gradient norm')
     o.add_argument('--sched', default=S, help='timm scheduler (cosine, step, ...)')
-    o.add_argument('--warmup-epochs', type=int, default=S)
+    o.add_argument('--warmup-epochs', type=int, default=S, help='at most a fifth of --epochs')
     o.add_argument('--warmup-lr', type=float, default=S)
     o.add_argument('--min-lr', type=float, default=S)
-    o.add_argument('--cooldown-epochs', type=int, default=S)
+    o.add_argument('--cooldown-epochs', type=int, default=S,
+                   help='epochs at --min-lr at the end, at most a tenth of --epochs')
     if finetune:
         o.add_argument('--transfer-ratio', type=float, default=S,
                        help='backbone lr = lr x ratio, the new head at lr (default 0.01)')
+        o.add_argument('--transfer-all', action='store_const', const=True, default=S,
+                       help='also train cls_token and the final norm (at the backbone lr); the reference '
+                            'recipe keeps them as loaded')
     a = p.add_argument_group('augmentation and regularization')
     a.add_argument('--augment', default=S, choices=['timm', 'pad-crop', 'none'],
                    help='timm: random-resized crop, RandAugment, erasing; pad-crop: padded crop and flip')

@@ -7,6 +7,7 @@ cannot tile) into a :class:`~t2tvit.errors.UserError`.
 
 import contextlib
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -138,6 +139,45 @@ def scaled_lr(lr: float, global_batch: int, base_size: int) -> float:
     return lr * global_batch / base_size if base_size else lr
 
 
+def describe_lr(cfg, global_batch: int) -> str:
+    """The peak lr and where it comes from, for the run's start line."""
+    lr = scaled_lr(cfg.lr, global_batch, cfg.lr_base_size)
+    if cfg.lr_base_size:
+        text = (
+            f'peak lr {lr:.3g} = {cfg.lr:g} x {global_batch} / {cfg.lr_base_size} '
+            f'(linear scaling, --lr-base-size {cfg.lr_base_size})'
+        )
+    else:
+        text = f'peak lr {lr:.3g} (--lr as given, --lr-base-size 0)'
+    if cfg.transfer_ratio is not None:
+        text += f', backbone at lr x {cfg.transfer_ratio:g} = {lr * cfg.transfer_ratio:.3g} (--transfer-ratio)'
+    return text
+
+
+# the reference transfer_learning.py optimizes the T2T module, the blocks and the head; these stay as loaded
+TRANSFER_LEFT_OUT = ('cls_token', 'norm.')
+
+
+def transfer_groups(model: nn.Module, lr: float, ratio: float, train_all: bool = False):
+    """Parameter groups of the reference transfer recipe: the new head at ``lr``, the backbone at ``lr * ratio``.
+
+    ``cls_token`` and the final ``norm`` are left out of the optimizer as transfer_learning.py does
+    (their ``requires_grad`` is switched off, so they neither move nor count in gradient clipping),
+    unless ``train_all``: then they join the backbone. The fixed position table is never trained.
+    """
+    head, backbone = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith('head.'):
+            head.append(p)
+        elif not train_all and (name == TRANSFER_LEFT_OUT[0] or name.startswith(TRANSFER_LEFT_OUT[1])):
+            p.requires_grad_(False)
+        else:
+            backbone.append(p)
+    return [{'params': backbone, 'lr': lr * ratio}, {'params': head, 'lr': lr}]
+
+
 def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
@@ -146,10 +186,8 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
             return create_optimizer_v2(
                 model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
             )
-        # the reference transfer recipe: the new head at lr, everything pretrained at lr * transfer_ratio
-        head = [p for n, p in model.named_parameters() if n.startswith('head.') and p.requires_grad]
-        backbone = [p for n, p in model.named_parameters() if not n.startswith('head.') and p.requires_grad]
-        groups = [{'params': backbone, 'lr': lr * cfg.transfer_ratio}, {'params': head, 'lr': lr}]
+        # given as groups, timm applies the weight decay to every tensor, as torch.optim.SGD did in the reference
+        groups = transfer_groups(model, lr, cfg.transfer_ratio, cfg.transfer_all)
         return create_optimizer_v2(
             groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
         )
@@ -157,24 +195,65 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
         raise UserError(f'--opt {cfg.opt}: {e}') from None
 
 
-def build_scheduler(optimizer, cfg, updates_per_epoch: int):
-    """timm's scheduler, per epoch as in the reference (or per step): (scheduler, epochs with cool-down)."""
+@dataclass(frozen=True)
+class EpochPlan:
+    """How the ``epochs`` asked for are spent: warm-up, the decay, cool-down at min_lr (all inside ``epochs``)."""
+
+    epochs: int
+    warmup: int
+    cooldown: int
+    notes: Tuple[str, ...] = ()
+
+    @property
+    def decay(self) -> int:
+        """The schedule's own length (timm's ``num_epochs``); the warm-up overlays its start."""
+        return self.epochs - self.cooldown
+
+
+def epoch_plan(cfg) -> EpochPlan:
+    """Warm-up at most a fifth of the run, cool-down at most a tenth: a short run is not all warm-up.
+
+    The reference (310 epochs, 10 warm-up, 10 cool-down) is left as it is.
+    """
+    warmup = min(cfg.warmup_epochs, cfg.epochs // 5)
+    cooldown = min(cfg.cooldown_epochs, cfg.epochs // 10)
+    notes = []
+    if warmup < cfg.warmup_epochs:
+        notes.append(f'--warmup-epochs {cfg.warmup_epochs} capped at a fifth of the run')
+    if cooldown < cfg.cooldown_epochs:
+        notes.append(f'--cooldown-epochs {cfg.cooldown_epochs} capped at a tenth of the run')
+    return EpochPlan(cfg.epochs, warmup, cooldown, tuple(notes))
+
+
+def describe_schedule(cfg, plan: EpochPlan) -> str:
+    """``E epochs (W warm-up from .., cosine to .., C cool-down at min lr; notes)`` for the start line."""
+    parts = [f'{plan.warmup} warm-up' + (f' from {cfg.warmup_lr:g}' if plan.warmup else '')]
+    parts.append(f'{cfg.sched} to {cfg.min_lr:g}' + (' per step' if cfg.sched_on_updates else ''))
+    parts.append(f'{plan.cooldown} cool-down' + (' at min lr' if plan.cooldown else ''))
+    return f'{plan.epochs} epochs ({", ".join(parts + list(plan.notes))})'
+
+
+def build_scheduler(optimizer, cfg, updates_per_epoch: int, plan: Optional[EpochPlan] = None):
+    """timm's scheduler, per epoch as in the reference (or per step), fitted inside ``cfg.epochs``."""
     from timm.scheduler import create_scheduler_v2
 
+    plan = plan or epoch_plan(cfg)
     try:
-        return create_scheduler_v2(
+        # timm appends cooldown_epochs after num_epochs: ask for the decay alone so the sum is cfg.epochs
+        scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=cfg.sched,
-            num_epochs=cfg.epochs,
-            warmup_epochs=cfg.warmup_epochs,
+            num_epochs=plan.decay,
+            warmup_epochs=plan.warmup,
             warmup_lr=cfg.warmup_lr,
             min_lr=cfg.min_lr,
-            cooldown_epochs=cfg.cooldown_epochs,
+            cooldown_epochs=plan.cooldown,
             step_on_epochs=not cfg.sched_on_updates,
             updates_per_epoch=updates_per_epoch,
         )
     except (AssertionError, ValueError) as e:
         raise UserError(f'--sched {cfg.sched}: {e}') from None
+    return scheduler
 
 
 def build_mixup(cfg, num_classes: int):

@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the command's defaults (``train``: the paper's ImageNet recipe from the
 reference ``main.py`` and README; ``finetune``: the reference ``transfer_learning.py`` recipe), then
-the YAML preset given with ``--config``, then the flags given on the command line. The resolved
+the YAML preset given with ``--config`` (a path, ``./configs/NAME.yaml``, or a preset NAME shipped
+in the package's ``configs/`` folder), then the flags given on the command line. The resolved
 config is written to ``OUTPUT/config.yaml`` and into every checkpoint, and can be passed back with
 ``--config``.
 """
@@ -11,6 +12,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -43,8 +45,11 @@ class RunConfig:
     overwrite: bool = False
     stop_after_epochs: Optional[int] = None
 
-    # -- schedule (timm's cosine with warm-up and cool-down, stepped per epoch as in the reference)
-    epochs: int = 300
+    # -- schedule (timm's cosine with warm-up and cool-down, stepped per epoch as in the reference).
+    # ``epochs`` is every epoch the run trains, warm-up and cool-down included: the reference's 300
+    # cosine epochs + 10 cool-down epochs at min_lr are 310. Short runs shrink the warm-up to at
+    # most a fifth of the run and the cool-down to at most a tenth (engine/builders.py: epoch_plan).
+    epochs: int = 310
     sched: str = 'cosine'
     warmup_epochs: int = 10
     warmup_lr: float = 1e-6
@@ -60,6 +65,9 @@ class RunConfig:
     momentum: float = 0.9
     clip_grad: Optional[float] = None
     transfer_ratio: Optional[float] = None  # backbone lr = lr * transfer_ratio, head lr = lr
+    # with transfer_ratio: also train cls_token and the final norm (at the backbone lr); the reference
+    # transfer_learning.py leaves them out of the optimizer, so they keep their pretrained values
+    transfer_all: bool = False
     batch_size: int = 64  # per process
 
     # -- augmentation and regularization
@@ -128,7 +136,9 @@ class RunConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 # The reference transfer recipe (transfer_learning.py with the README's flags): CIFAR at 224,
-# SGD momentum 0.9, lr 0.05 at batch 64, wd 5e-4, cosine to 2e-4 over 60 epochs, backbone at 1%.
+# plain (not Nesterov) SGD momentum 0.9 (timm's 'momentum'; its 'sgd' is Nesterov), lr 0.05 at
+# batch 64, wd 5e-4 on every trained tensor, cosine to 2e-4 over 60 epochs, the T2T module and the
+# blocks at 1% of the head's lr, cls_token and the final norm not trained, fp32.
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     output='runs/finetune',
     epochs=60,
@@ -136,7 +146,7 @@ FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     warmup_epochs=0,
     cooldown_epochs=0,
     min_lr=2e-4,
-    opt='sgd',
+    opt='momentum',
     lr=0.05,
     lr_base_size=64,
     weight_decay=5e-4,
@@ -153,6 +163,7 @@ FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     smoothing=0.0,
     reprob=0.0,
     model_ema=False,
+    amp=False,
 )
 
 
@@ -203,30 +214,45 @@ def apply(cfg: RunConfig, values: Mapping[str, Any], source: str) -> RunConfig:
     return dataclasses.replace(cfg, **updates)
 
 
-def find_preset(name_or_path: str) -> Path:
-    """A preset path, or a bare name looked up in ./configs and the project's configs/ folder."""
+def shipped_presets() -> Dict[str, Any]:
+    """The presets shipped inside the package (``t2tvit/configs/NAME.yaml``), by name.
+
+    Read through :mod:`importlib.resources`, so they are found in an editable install, a wheel
+    installed anywhere, or a zipped package alike.
+    """
+    folder = resources.files('t2tvit').joinpath('configs')
+    if not folder.is_dir():
+        return {}
+    return {
+        x.name[: -len('.yaml')]: x for x in sorted(folder.iterdir(), key=lambda x: x.name) if x.name.endswith('.yaml')
+    }
+
+
+def find_preset(name_or_path: str):
+    """A preset file: a path as given, else a bare NAME as ./configs/NAME.yaml, else the shipped preset NAME.
+
+    Returns a :class:`pathlib.Path` or an :mod:`importlib.resources` traversable (both have
+    ``read_text`` and print as their location).
+    """
     p = Path(name_or_path)
     if p.is_file():
         return p
-    candidates = []
     if p.suffix not in ('.yaml', '.yml') and len(p.parts) == 1:
-        for folder in (Path.cwd() / 'configs', PROJECT_CONFIGS):
-            candidates.append(folder / f'{name_or_path}.yaml')
-    for c in candidates:
-        if c.is_file():
-            return c
-    names = sorted(x.stem for x in PROJECT_CONFIGS.glob('*.yaml')) if PROJECT_CONFIGS.is_dir() else []
+        local = Path.cwd() / 'configs' / f'{name_or_path}.yaml'
+        if local.is_file():
+            return local
+        shipped = shipped_presets()
+        if name_or_path in shipped:
+            return shipped[name_or_path]
+    names = list(shipped_presets())
     hint = f' (presets: {", ".join(names)})' if names else ''
     raise UserError(f'config {name_or_path}: no such file{hint}')
-
-
-PROJECT_CONFIGS = Path(__file__).resolve().parents[3] / 'configs'
 
 
 def read_preset(name_or_path: str) -> Dict[str, Any]:
     path = find_preset(name_or_path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' line {mark.line + 1}' if mark is not None else ''
@@ -265,6 +291,8 @@ def check(cfg: RunConfig) -> RunConfig:
     need(cfg.epochs >= 1, f'--epochs {cfg.epochs}: must be at least 1')
     need(cfg.batch_size >= 1, f'--batch-size {cfg.batch_size}: must be at least 1')
     need(cfg.lr > 0, f'--lr {cfg.lr}: must be positive')
+    need(cfg.warmup_epochs >= 0, f'--warmup-epochs {cfg.warmup_epochs}: must be 0 or more')
+    need(cfg.cooldown_epochs >= 0, f'--cooldown-epochs {cfg.cooldown_epochs}: must be 0 or more')
     need(cfg.workers >= 0, f'--workers {cfg.workers}: must be 0 or more')
     need(
         cfg.stop_after_epochs is None or cfg.stop_after_epochs >= 1,

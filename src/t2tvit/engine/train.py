@@ -303,6 +303,24 @@ def _load_resume(path: Path, cfg: RunConfig, class_names: List[str]) -> Dict[str
     return ckpt
 
 
+# below this many training images a paper-size ViT trained from random weights rarely gets past chance:
+# it has none of a CNN's built-in locality to fall back on. The paper's smallest, T2T-ViT-7, is 4.0M
+# parameters without its ImageNet head; the demo's 0.7M t2t_vit_lite_32 does learn the 1,437 digits.
+SMALL_DATA_IMAGES = 5000
+PAPER_SCALE_PARAMS = 2_000_000
+
+
+def small_data_note(n_images: int, n_params: int, model: str) -> Optional[str]:
+    """One line for a from-scratch run of a paper-size model on little data, else None."""
+    if n_images >= SMALL_DATA_IMAGES or n_params < PAPER_SCALE_PARAMS:
+        return None
+    return (
+        f'note: a ViT of {n_params / 1e6:.1f}M parameters trained from scratch on {n_images} images rarely '
+        f'learns (the paper trains on 1.28M); start from ImageNet weights instead: '
+        f't2tvit finetune DATA --model {model} --pretrained'
+    )
+
+
 def fit(cfg: RunConfig, log: Callable[[str], None] = print) -> FitResult:
     """Train (or fine-tune, when ``cfg.checkpoint`` gives pretrained weights) as ``cfg`` says."""
     from timm.utils import ModelEmaV3
@@ -347,6 +365,7 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
         model.set_lean_activations(cfg.activations == 'lean')
     if pretrained is not None and resume_path is None:
         builders.transfer_weights(model, pretrained)
+    from_pretrained = pretrained is not None
     del pretrained
     pre = builders.data_settings(model, cfg)
     cfg = dataclasses.replace(
@@ -418,7 +437,9 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
     )
     lr = builders.scaled_lr(cfg.lr, global_batch, cfg.lr_base_size)
     optimizer = builders.build_optimizer(model, cfg, lr)
-    scheduler, total_epochs = builders.build_scheduler(optimizer, cfg, batches_per_epoch)
+    plan = builders.epoch_plan(cfg)
+    scheduler = builders.build_scheduler(optimizer, cfg, batches_per_epoch, plan)
+    total_epochs = plan.epochs
     autocast, amp_dtype, scaler = builders.autocast_setup(device, cfg.amp, cfg.amp_dtype)
     mixup = builders.build_mixup(cfg, num_classes)
     base_loss = builders.build_train_loss(cfg, mixup)
@@ -493,9 +514,14 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
     precision = 'fp32' if amp_dtype is None else str(amp_dtype).replace('torch.', '')
     say(
         f'training {cfg.model} ({n_params / 1e6:.2f}M params, {cfg.img_size}px) on {len(train_ds)} images of '
-        f'{num_classes} classes, validating on {len(val_ds)}; {env.world_size} process(es) x batch '
-        f'{cfg.batch_size}, lr {lr:.3g}, {total_epochs} epochs, {device.type} {precision}; output {out}'
+        f'{num_classes} classes, validating on {len(val_ds)}; {builders.describe_schedule(cfg, plan)}; '
+        f'{builders.describe_lr(cfg, global_batch)}; {env.world_size} process(es) x batch {cfg.batch_size}, '
+        f'{device.type} {precision}; output {out}'
     )
+    if not from_pretrained:
+        note = small_data_note(len(train_ds), n_params, cfg.model)
+        if note:
+            say(note)
 
     result = FitResult(out, state.epoch, total_epochs, state.best_metric, state.best_epoch, {})
     epochs_this_run = 0
