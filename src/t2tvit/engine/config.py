@@ -16,15 +16,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
+from ..cifar import CIFAR_MEAN, CIFAR_STD  # noqa: F401  (the run's CIFAR statistics, read here)
 from ..errors import UserError
 
 DATASETS = ('folder', 'cifar10', 'cifar100', 'digits')
 AUGMENTS = ('timm', 'pad-crop', 'none')
 DISTILL_MODES = ('hard', 'soft')
 
-# CIFAR statistics used by the reference transfer script (transfer_learning.py)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 @dataclass
