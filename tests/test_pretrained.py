@@ -239,3 +239,61 @@ def test_convert_to_hf_rebuilds_in_timm_local_dir(tag, hub, releases, tmp_path, 
     x = torch.from_numpy(official_ckpt.make_inputs(2, 224))
     with torch.no_grad():
         assert torch.equal(rebuilt(x), source(x))
+
+
+def test_convert_to_hf_keeps_the_class_names_of_our_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_lite_32', num_classes=3).eval()
+    t2tvit.save_model(model, tmp_path / 'run.safetensors', class_names=['circle', 'square', 'stripes'])
+    assert main(['convert', '--to', 'hf', str(tmp_path / 'run.safetensors'), str(tmp_path / 'hf')]) == 0
+    rebuilt = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+    assert rebuilt.pretrained_cfg['label_names'] == ['circle', 'square', 'stripes']
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+
+
+# -- the README's Pretrained weights section, as written ------------------------------------------------------
+def _readme_section() -> str:
+    from conftest import ROOT
+    readme = (ROOT / 'README.md').read_text()
+    return readme[readme.index('## Pretrained weights'):readme.index('## Load a reference checkpoint')]
+
+
+def test_readme_tag_table_is_the_model_table():
+    from t2tvit.analysis.report import pretrained_markdown
+    from t2tvit.factory import pretrained_tags
+    section = _readme_section()
+    start, end = '<!-- pretrained-table:start -->', '<!-- pretrained-table:end -->'
+    assert section[section.index(start) + len(start):section.index(end)].strip() == pretrained_markdown(
+        pretrained_tags())
+
+
+def test_readme_pretrained_section_runs_offline(hub, releases, fixtures_dir, official_ckpt, tmp_path, monkeypatch,
+                                                 capsys):
+    import re
+    import shlex
+    for spec, file in (('t2t_vit_14', '81.5_T2T_ViT_14.pth.tar'), ('t2t_vit_14_384', '83.3_T2T_ViT_14.pth.tar')):
+        official_ckpt.write_checkpoint(load_json(fixtures_dir / f'{spec}.spec.json'), str(hub / file))
+    _place(hub, releases, CIFAR10_14)
+    monkeypatch.chdir(tmp_path)
+    section = _readme_section()
+    python = re.findall(r'```python\n(.*?)```', section, flags=re.S)
+    commands = [shlex.split(line)[1:] for block in re.findall(r'```bash\n(.*?)```', section, flags=re.S)
+                for line in block.splitlines() if line.startswith('t2tvit ')]
+    assert len(python) == 2 and len(commands) == 5
+    first = {}
+    exec(python[0], first)
+    assert first['cifar'].num_classes == 10 and first['model'].pos_embed.shape == (1, 1 + 24 * 24, 384)
+    assert first['model'].num_classes == 10
+    for args in commands:
+        if args[0] in ('models', 'convert'):  # the others need ImageNet/CIFAR/cat.jpg; their flags are tested above
+            assert main(args) == 0, args
+    listed = capsys.readouterr().out
+    assert re.search(r'^t2t_vit_14\.in1k +81\.5_T2T_ViT_14\.pth\.tar +81\.5 +ImageNet-1k +yes$', listed, flags=re.M)
+    assert re.search(r'^t2t_vit_14\.in1k_ft_cifar100 .* no$', listed, flags=re.M)
+    second = {}
+    exec(python[1], second)
+    x = torch.from_numpy(official_ckpt.make_inputs(1, 224))
+    with torch.no_grad():
+        assert torch.equal(second['model'].eval()(x), t2tvit.create_model('t2t_vit_14', pretrained=True).eval()(x))

@@ -66,6 +66,10 @@ def _print_pretrained(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    if args.markdown:
+        from .analysis.report import pretrained_markdown
+        print(pretrained_markdown(rows))
+        return 0
     width = max([len(r['tag']) for r in rows] + [3])
     print(f"{'tag':<{width}}  {'file':<30}  top-1  {'data':<11}  cached")
     for r in rows:
@@ -83,7 +87,8 @@ def _add_models(sub):
     p.add_argument('--markdown', action='store_true',
                    help="print the README's model table: structure, params, MACs and the paper's numbers")
     p.add_argument('--pretrained', action='store_true',
-                   help="list the pretrained tags: release file, published top-1, whether torch hub's cache has it")
+                   help="list the pretrained tags: release file, published top-1, whether torch hub's cache has "
+                        'it (with --markdown: the README table)')
 
 
 # -- visualize ------------------------------------------------------------------------------------

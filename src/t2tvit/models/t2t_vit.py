@@ -31,7 +31,6 @@ from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR_MEAN, CIFAR_STD
-
 from ..layers.attention import Attention, check_attn_impl
 from ..layers.checkpointing import checkpoint_block
 from ..layers.lean import LeanSaving, lean_saving_applies, timm_mlp
