@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
-from ..cifar import CIFAR_MEAN, CIFAR_STD  # noqa: F401  (the run's CIFAR statistics, read here)
 from ..errors import UserError
 
 DATASETS = ('folder', 'cifar10', 'cifar100', 'digits')
