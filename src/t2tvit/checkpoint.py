@@ -59,9 +59,11 @@ __all__ = [
     'closest_models',
     'convert_checkpoint',
     'create_model_from_checkpoint',
+    'fetch_pretrained',
     'load_checkpoint',
     'model_args_from_checkpoint',
     'passl_to_reference',
+    'pretrained_path',
     'read_checkpoint',
     'save_model',
     'save_reference',
@@ -432,6 +434,51 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     raise CheckpointError(f'{path}: not a checkpoint file; give {_FORMATS_HINT}')
 
 
+# -- released weights: torch hub's cache -------------------------------------------------------------------
+def pretrained_path(cfg: dict[str, Any], cache_dir: PathLike | None = None) -> str:
+    """Where a pretrained tag's file is kept: ``cache_dir`` or timm's (torch hub's) cache,
+    ``$TORCH_HOME/hub/checkpoints/<release file name>``; nothing is created."""
+    from urllib.parse import urlparse
+    filename = os.path.basename(urlparse(cfg['url']).path)
+    folder = os.fspath(cache_dir) if cache_dir else os.path.join(torch.hub.get_dir(), 'checkpoints')
+    return os.path.join(folder, filename)
+
+
+def _tag_label(cfg: dict[str, Any]) -> str:
+    arch, tag = cfg.get('architecture') or 'the model', cfg.get('tag')
+    return f'{arch}.{tag}' if tag else arch
+
+
+def fetch_pretrained(cfg: dict[str, Any], cache_dir: PathLike | None = None) -> str | None:
+    """The local file of a release tag's weights (``cfg``: its timm pretrained cfg), downloaded into the cache
+    when missing. None for sources timm reads itself (a local folder, the Hugging Face hub, a state dict).
+
+    Without network and without the cached file: a :class:`CheckpointError` naming the URL and the path
+    to place the file at.
+    """
+    if cfg.get('source') in ('local-dir', 'hf-hub') or cfg.get('file') or cfg.get('state_dict') \
+            or cfg.get('hf_hub_id'):
+        return None
+    label = _tag_label(cfg)
+    if not cfg.get('url'):
+        raise CheckpointError(f'{label} has no released weights: `t2tvit models --pretrained` lists the tags that '
+                              'have, or load your own with checkpoint_path=... (--checkpoint PATH)')
+    if not cfg.get('custom_load'):
+        return None  # a plain state dict at a URL: timm's own loader reads it
+    path = pretrained_path(cfg, cache_dir)
+    if os.path.isfile(path):
+        return path
+    from timm.models._hub import download_cached_file
+    url = cfg['url'] if isinstance(cfg['url'], str) else cfg['url'][0]
+    _logger.info('%s: downloading %s to %s', label, url, path)
+    try:
+        return download_cached_file(url, check_hash=False, progress=False, cache_dir=os.path.dirname(path))
+    except (OSError, ValueError, RuntimeError) as e:  # URLError, HTTPError, socket errors are OSErrors
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise CheckpointError(f'{label}: cannot download {url} ({reason[:120]}); fetch that file where there is '
+                              f'network and place it at {path}') from None
+
+
 # -- which registered model a state dict belongs to -------------------------------------------------------
 def _meta_model(name: str, kwargs_json: str = '{}') -> nn.Module:
     import timm
@@ -636,11 +683,12 @@ def model_args_from_checkpoint(ckpt: Checkpoint, name: str | None = None, **kwar
         if name is None:
             raise CheckpointError(f'{ckpt.path} does not name its model; {_looks_like(ckpt.model)}: give the model '
                                   'name (create_model(NAME, checkpoint_path=...), or --model NAME)')
-    elif ckpt.model_name and ckpt.model_name != name:
+    arch = name.split('.')[0]  # a pretrained tag (t2t_vit_14.in1k_ft_cifar10) brings its data config
+    if ckpt.model_name and ckpt.model_name != arch:
         raise CheckpointError(f'{ckpt.path} holds a {ckpt.model_name} model, not {name} '
                               f'(use {ckpt.model_name}, or leave the name out)')
-    if name not in list_models():
-        raise CheckpointError(str(UnknownModelError(name, list_models())))
+    if arch not in list_models():
+        raise CheckpointError(str(UnknownModelError(arch, list_models())))
     merged = {**ckpt.model_kwargs, **given}
     if 'num_classes' not in merged and ckpt.num_classes is not None:
         merged['num_classes'] = ckpt.num_classes
@@ -664,17 +712,21 @@ def create_model_from_checkpoint(path: PathLike, name: str | None = None, **kwar
 
 
 # -- conversion -------------------------------------------------------------------------------------------
-CONVERT_TARGETS = ('reference', 't2tvit')
+CONVERT_TARGETS = ('reference', 't2tvit', 'hf')
 
 
 def convert_checkpoint(src: PathLike, dst: PathLike, to: str = 'reference', model_name: str | None = None,
                        use_ema: bool = True) -> dict[str, Any]:
-    """Rewrite any readable checkpoint as a reference ``.pth.tar`` or our safetensors file.
+    """Rewrite any readable checkpoint as a reference ``.pth.tar``, our safetensors file, or a Hugging Face folder.
 
     The weights are checked against the model first (``model_name``, else the one the file names);
     nothing is resized or re-initialised. ``to='reference'`` writes ``state_dict`` and, when the
-    file has EMA weights, ``state_dict_ema``; ``to='t2tvit'`` writes one set of weights (EMA unless
-    ``use_ema=False``). Returns ``{'path', 'model', 'model_kwargs', 'weights', 'layout'}`` (layout: the input's).
+    file has EMA weights, ``state_dict_ema``; ``to='t2tvit'`` and ``to='hf'`` write one set of weights
+    (EMA unless ``use_ema=False``). ``to='hf'`` makes ``dst`` a folder as timm's hub export writes it
+    (``config.json`` + ``model.safetensors``, what ``timm.models.push_to_hf_hub`` uploads), which
+    ``timm.create_model('local-dir:DST', pretrained=True)`` rebuilds; a pretrained tag as ``model_name``
+    (``t2t_vit_14.in1k_ft_cifar10``) brings its preprocessing and class names. Returns ``{'path', 'model',
+    'model_kwargs', 'weights', 'layout'}`` (layout: the input's).
     """
     if to not in CONVERT_TARGETS:
         raise CheckpointError(f"--to {to}: expected one of {', '.join(CONVERT_TARGETS)}")
@@ -695,13 +747,35 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str = 'reference', mode
                                   f'{_looks_like(sd)}')
         return {k: sd[k] for k in order}
 
+    arch = name.split('.')[0]  # a pretrained tag names the model and brings its class names
+    labels = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    class_names = ckpt.class_names or (list(labels) if labels and len(labels) == model.num_classes else None)
     if to == 'reference':
         raw = fitted(ckpt.model, 'raw')
         ema = fitted(ckpt.ema, 'EMA') if ckpt.ema is not None else None
-        save_reference(dst, raw, ema, arch=name, epoch=ckpt.epoch)
+        save_reference(dst, raw, ema, arch=arch, epoch=ckpt.epoch)
         weights = 'state_dict + state_dict_ema' if ema is not None else 'state_dict'
     else:
         chosen = 'ema' if use_ema and ckpt.ema is not None else 'model'
-        _write_t2tvit(dst, fitted(ckpt.state_dict(use_ema), chosen), name, kwargs, ckpt.class_names, weights=chosen)
+        sd = fitted(ckpt.state_dict(use_ema), chosen)
+        if to == 'hf':
+            _write_hf(dst, sd, name, kwargs, class_names)
+        else:
+            _write_t2tvit(dst, sd, arch, kwargs, class_names, weights=chosen)
         weights = 'EMA weights' if chosen == 'ema' else 'weights'
     return {'path': os.fspath(dst), 'model': name, 'model_kwargs': kwargs, 'weights': weights, 'layout': ckpt.layout}
+
+
+def _write_hf(folder: PathLike, state_dict: StateDict, name: str, kwargs: dict[str, Any],
+              class_names: list[str] | None) -> str:
+    """timm's own hub export (``save_for_hf``) of the model with these weights: config.json + model.safetensors."""
+    import timm
+    from timm.models import save_for_hf
+    folder = os.fspath(folder)
+    if os.path.isfile(folder):
+        raise CheckpointError(f'{folder}: is a file; --to hf writes a folder (config.json, model.safetensors)')
+    model = timm.create_model(name, **kwargs)
+    model.load_state_dict(state_dict, strict=True)
+    labels = {'label_names': list(class_names)} if class_names and len(class_names) == model.num_classes else {}
+    save_for_hf(model, folder, model_config=labels, safe_serialization=True)
+    return folder

@@ -20,9 +20,33 @@ def _command(sub, name: str, help: str, run: Callable[[argparse.Namespace], Opti
     return p
 
 
+_PRETRAINED_HELP = ("the authors' released weights of --model (its first tag, or NAME.TAG: `t2tvit models "
+                    "--pretrained`), from torch hub's cache or downloaded there")
+
+
+def _add_weights(p, checkpoint_help: str, required: bool = False, default=None):
+    """``--checkpoint PATH`` or ``--pretrained``, spelled the same in every command that loads weights."""
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument('--checkpoint', metavar='PATH', help=checkpoint_help, default=default)
+    g.add_argument('--pretrained', action='store_true', help=_PRETRAINED_HELP)
+
+
+def _use_pretrained(args) -> None:
+    """``--pretrained``: the released weights of ``--model`` become ``--checkpoint``, the tag becomes ``--model``
+    (so the model carries the tag's preprocessing and class names)."""
+    if not getattr(args, 'pretrained', False):
+        return
+    from .factory import pretrained_weights
+    if not getattr(args, 'model', None):
+        raise UserError('--pretrained needs --model NAME or NAME.TAG (`t2tvit models --pretrained` lists the tags)')
+    args.checkpoint, args.model = pretrained_weights(args.model)
+
+
 # -- models ---------------------------------------------------------------------------------------
 def _run_models(args) -> int:
     from .analysis.report import markdown_table, model_rows
+    if args.pretrained:
+        return _print_pretrained(args)
     rows = model_rows(pattern=args.pattern, counts=args.json or args.markdown)
     if args.markdown:
         print(markdown_table(rows))
@@ -35,17 +59,42 @@ def _run_models(args) -> int:
     return 0
 
 
+def _print_pretrained(args) -> int:
+    import os
+    from .factory import pretrained_tags
+    rows = pretrained_tags(args.pattern)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if args.markdown:
+        from .analysis.report import pretrained_markdown
+        print(pretrained_markdown(rows))
+        return 0
+    width = max([len(r['tag']) for r in rows] + [3])
+    print(f"{'tag':<{width}}  {'file':<30}  top-1  {'data':<11}  cached")
+    for r in rows:
+        print(f"{r['tag']:<{width}}  {r['file']:<30}  {r['top1']:>5.1f}  {r['dataset']:<11}  "
+              f"{'yes' if r['cached'] else 'no'}")
+    if rows:
+        print(f"cache: {os.path.dirname(rows[0]['path'])} (a file placed there under its name is used as is)")
+    return 0
+
+
 def _add_models(sub):
     p = _command(sub, 'models', 'list the registered models', _run_models)
     p.add_argument('pattern', nargs='?', default='', help="fnmatch filter, e.g. 't2t_vit_t_*'")
     p.add_argument('--json', action='store_true', help='print the rows as JSON, with params and MACs')
     p.add_argument('--markdown', action='store_true',
                    help="print the README's model table: structure, params, MACs and the paper's numbers")
+    p.add_argument('--pretrained', action='store_true',
+                   help="list the pretrained tags: release file, published top-1, whether torch hub's cache has "
+                        'it (with --markdown: the README table)')
 
 
 # -- visualize ------------------------------------------------------------------------------------
 def _run_visualize(args) -> int:
     from .analysis import visualize
+    _use_pretrained(args)
     if args.what == 'features':
         pictures = [visualize.visualize_features(
             args.image, args.model, checkpoint=args.checkpoint, layers=args.layers, channels=args.channels,
@@ -68,7 +117,7 @@ def _add_visualize(sub):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('image', metavar='IMAGE', help='any image PIL reads (JPEG, PNG, ...)')
     common.add_argument('--model', required=True, help='registered model name, e.g. t2t_vit_14')
-    common.add_argument('--checkpoint', metavar='PATH', help='weights to load (default: random weights)')
+    _add_weights(common, 'weights to load (default: random weights)')
     common.add_argument('--img-size', type=int, metavar='PX',
                         help="render at this size instead of the model's (the paper uses 1024); "
                              'the position table is resized')
@@ -173,8 +222,13 @@ def _fit(command: str, args) -> int:
     from .engine.train import Interrupted, fit
     try:
         cfg = _run_config(command, args)
+        if getattr(args, 'pretrained', False):
+            import dataclasses
+            from .factory import pretrained_weights
+            path, tag = pretrained_weights(cfg.model)
+            cfg = dataclasses.replace(cfg, model=tag.split('.')[0], checkpoint=path)
         if command == 'finetune' and not cfg.checkpoint:
-            raise UserError('finetune needs --checkpoint PATH (the pretrained weights)')
+            raise UserError('finetune needs --checkpoint PATH or --pretrained (the pretrained weights)')
         result = fit(cfg)
     except UserError:
         if _quiet_rank():
@@ -319,14 +373,15 @@ def _add_finetune(sub):
     p = _command(sub, 'finetune', 'transfer pretrained weights to new data (new head, resized position '
                  'table): the reference CIFAR recipe, SGD lr 0.05, 60 epochs', _run_finetune)
     _add_run_flags(p, finetune=True)
-    p.add_argument('--checkpoint', default=argparse.SUPPRESS, metavar='PATH',
-                   help='pretrained weights (any layout t2tvit reads; EMA weights when present)')
+    _add_weights(p, 'pretrained weights (any layout t2tvit reads; EMA weights when present)',
+                 default=argparse.SUPPRESS)
 
 
 # -- validate / predict ---------------------------------------------------------------------------
 def _run_validate(args) -> int:
     from .engine.evaluate import validate
     try:
+        _use_pretrained(args)
         m = validate(args.checkpoint, model_name=args.model, data=args.data, dataset=args.dataset,
                      img_size=args.img_size, crop_pct=args.crop_pct, batch_size=args.batch_size, amp=args.amp,
                      workers=args.workers, device=args.device, progress=not args.no_progress)
@@ -354,7 +409,7 @@ def _add_validate(sub):
                    help='DATA/val (or DATA holding class folders), a CIFAR folder with --dataset; '
                         'omitted: the data the checkpoint was trained on')
     p.add_argument('--model', help='registered model name (default: the one the checkpoint names)')
-    p.add_argument('--checkpoint', required=True, metavar='PATH')
+    _add_weights(p, 'the weights to evaluate', required=True)
     p.add_argument('--dataset', choices=['folder', 'cifar10', 'cifar100', 'digits'])
     p.add_argument('--img-size', type=int, metavar='PX',
                    help='evaluate at this size (position table resized)')
@@ -371,6 +426,7 @@ def _add_validate(sub):
 
 def _run_predict(args) -> int:
     from .engine.evaluate import predict_files
+    _use_pretrained(args)
     results = predict_files(args.images, args.checkpoint, model_name=args.model, img_size=args.img_size,
                             topk=args.topk, device=args.device)
     if args.json:
@@ -387,7 +443,7 @@ def _add_predict(sub):
                  _run_predict)
     p.add_argument('images', nargs='+', metavar='IMAGE')
     p.add_argument('--model', help='registered model name (default: the one the checkpoint names)')
-    p.add_argument('--checkpoint', required=True, metavar='PATH')
+    _add_weights(p, 'the weights to predict with', required=True)
     p.add_argument('--topk', type=int, default=5)
     p.add_argument('--img-size', type=int, metavar='PX')
     p.add_argument('--device')
@@ -437,8 +493,13 @@ def _add_demo(sub):
 # -- convert --------------------------------------------------------------------------------------
 def _run_convert(args) -> int:
     from .checkpoint import convert_checkpoint
-    done = convert_checkpoint(args.input, args.output, to=args.to, model_name=args.model, use_ema=not args.no_ema)
-    layout = 'reference .pth.tar' if args.to == 'reference' else 't2tvit safetensors'
+    if args.pretrained == bool(args.input):
+        raise UserError('give IN (a checkpoint file) or --pretrained (the released weights of --model), one of them')
+    _use_pretrained(args)
+    done = convert_checkpoint(args.input or args.checkpoint, args.output, to=args.to, model_name=args.model,
+                              use_ema=not args.no_ema)
+    layout = {'reference': 'reference .pth.tar', 't2tvit': 't2tvit safetensors',
+              'hf': 'Hugging Face folder (config.json, model.safetensors)'}[args.to]
     print(f"{done['path']}: {layout}, {done['model']} ({done['weights']}, "
           f"{done['model_kwargs'].get('num_classes', 1000)} classes), from a {done['layout']} checkpoint")
     return 0
@@ -447,14 +508,18 @@ def _run_convert(args) -> int:
 def _add_convert(sub):
     p = _command(sub, 'convert', 'rewrite a checkpoint (any layout t2tvit reads) for the reference code or as '
                  "t2tvit's safetensors file", _run_convert)
-    p.add_argument('input', metavar='IN', help='reference .pth.tar, CIFAR transfer file, state dict, PASSL '
-                   '.pdparams, t2tvit .safetensors or a training checkpoint')
-    p.add_argument('output', metavar='OUT', help='the file to write')
-    p.add_argument('--to', required=True, choices=['reference', 't2tvit'],
+    p.add_argument('input', metavar='IN', nargs='?', help='reference .pth.tar, CIFAR transfer file, state dict, '
+                   'PASSL .pdparams, t2tvit .safetensors or a training checkpoint (or --pretrained)')
+    p.add_argument('output', metavar='OUT', help='the file to write (--to hf: a folder)')
+    p.add_argument('--to', required=True, choices=['reference', 't2tvit', 'hf'],
                    help='reference: a .pth.tar with state_dict (+ state_dict_ema) the reference code loads; '
-                        't2tvit: safetensors with the model config in its metadata')
-    p.add_argument('--model', help='registered model name (needed when IN does not name its model)')
-    p.add_argument('--no-ema', action='store_true', help='--to t2tvit: write the raw weights, not the EMA')
+                        't2tvit: safetensors with the model config in its metadata; hf: a folder as timm\'s hub '
+                        "export writes it (config.json + model.safetensors), for timm.create_model('local-dir:OUT', "
+                        'pretrained=True) or push_to_hf_hub')
+    p.add_argument('--model', help='registered model name, or NAME.TAG (needed when IN does not name its model; '
+                   'a tag brings its preprocessing and class names to --to hf)')
+    p.add_argument('--pretrained', action='store_true', help=_PRETRAINED_HELP + ', instead of IN')
+    p.add_argument('--no-ema', action='store_true', help='--to t2tvit / hf: write the raw weights, not the EMA')
 
 
 # -- benchmark ------------------------------------------------------------------------------------
@@ -504,6 +569,7 @@ def _add_benchmark(sub):
 # -- export ---------------------------------------------------------------------------------------
 def _run_export(args) -> int:
     from .export import export_cli
+    _use_pretrained(args)
     return export_cli(model=args.model, checkpoint=args.checkpoint, fmt=args.format, out=args.output,
                       img_size=args.img_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
                       verify=not args.no_verify)
@@ -513,7 +579,7 @@ def _add_export(sub):
     p = _command(sub, 'export', 'write a model for deployment: ONNX, TorchScript or a torch.export program, '
                  'checked against PyTorch on a random batch', _run_export)
     p.add_argument('--model', help='registered model name (optional with a t2tvit checkpoint)')
-    p.add_argument('--checkpoint', metavar='PATH', help='weights to export (any layout `t2tvit validate` reads)')
+    _add_weights(p, 'weights to export (any layout `t2tvit validate` reads)')
     p.add_argument('--format', default='onnx', choices=['onnx', 'torchscript', 'exported'])
     p.add_argument('-o', '--output', metavar='OUT', help='file to write (default: MODEL.onnx, .pt or .pt2)')
     p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")

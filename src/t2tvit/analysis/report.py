@@ -1,4 +1,5 @@
-"""The model table: one row per registered model (``t2tvit models``), and its markdown for the README."""
+"""The model table: one row per registered model (``t2tvit models``), and its markdown for the README; the same
+for the pretrained tags."""
 from typing import Any
 
 from torch import nn
@@ -56,4 +57,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                  _cell(r['params'], 1e6), _cell(r['macs'], 1e9),
                  _cell(r['paper_top1']), _cell(r['paper_params_m']), _cell(r['paper_macs_g'])]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def pretrained_markdown(rows: list[dict[str, Any]]) -> str:
+    """The README's table of pretrained tags from :func:`t2tvit.factory.pretrained_tags`."""
+    lines = ['| tag | release file | top-1 (%) | on | classes | px |', '|---|---|---:|---|---:|---:|']
+    lines += [f"| `{r['tag']}` | `{r['file']}` | {r['top1']} | {r['dataset']} | {r['num_classes']} | {r['img_size']} |"
+              for r in rows]
     return '\n'.join(lines)

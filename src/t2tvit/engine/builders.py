@@ -115,7 +115,7 @@ def build_teacher(name: str, checkpoint: str, num_classes: int, device: torch.de
 # -- preprocessing -------------------------------------------------------------------------------------
 def data_settings(model: nn.Module, cfg) -> Dict[str, Any]:
     """img_size, mean, std, crop_pct, interpolation: the config's where given, else the model's."""
-    from .config import CIFAR_MEAN, CIFAR_STD
+    from ..cifar import CIFAR_MEAN, CIFAR_STD
 
     pre = dict(getattr(model, 'pretrained_cfg', None) or {})
     size = getattr(model, 'img_size', None) or pre.get('input_size', (3, 224, 224))[1:]

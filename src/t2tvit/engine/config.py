@@ -24,9 +24,6 @@ DATASETS = ('folder', 'cifar10', 'cifar100', 'digits')
 AUGMENTS = ('timm', 'pad-crop', 'none')
 DISTILL_MODES = ('hard', 'soft')
 
-# CIFAR statistics used by the reference transfer script (transfer_learning.py)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 @dataclass

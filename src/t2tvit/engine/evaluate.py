@@ -153,6 +153,9 @@ def _preprocessing(model: nn.Module, cfg: Dict[str, Any], crop_pct: Optional[flo
 def _class_names(model: nn.Module, ckpt, descriptions: bool = False) -> Optional[List[str]]:
     if ckpt.class_names:
         return list(ckpt.class_names)
+    labels = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')  # a pretrained tag's (CIFAR)
+    if labels and len(labels) == getattr(model, 'num_classes', 0):
+        return list(labels)
     if getattr(model, 'num_classes', 0) == 1000:
         from timm.data import ImageNetInfo
 

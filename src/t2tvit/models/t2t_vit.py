@@ -27,17 +27,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR_MEAN, CIFAR_STD
 from ..layers.attention import Attention, check_attn_impl
 from ..layers.checkpointing import checkpoint_block
 from ..layers.lean import LeanSaving, lean_saving_applies, timm_mlp
 from ..layers.pos_table import resize_pos_table, sinusoid_table
 from ..layers.t2t import T2TModule, to_2tuple_int
 
-__all__ = ['T2TViT', 'Block', 'MODEL_CONFIGS', 'PAPER_RESULTS']
+__all__ = ['T2TViT', 'Block', 'MODEL_CONFIGS', 'PAPER_RESULTS', 'PRETRAINED', 'RELEASE_URL']
 
 
 class Block(nn.Module):
@@ -237,6 +238,14 @@ class T2TViT(nn.Module):
         self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
                      if num_classes > 0 else nn.Identity()).train(self.training)
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str):
+        """timm's hook for a ``custom_load`` pretrained tag: the reference release read by t2tvit's reader
+        (EMA weights, ``module.`` prefix, the pickled run ``args``), a new head / image size fitted as with
+        ``checkpoint_path``."""
+        from ..checkpoint import load_checkpoint
+        load_checkpoint(self, checkpoint_path)
+
     # -- forward ---------------------------------------------------------------------------------
     def _pos_embed(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         pos = self.pos_embed
@@ -374,6 +383,39 @@ PAPER_RESULTS: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]
     't2t_vit_14_wide': (78.8, 25.0, 5.4),  # Table 7, T2T-ViT-d768-4 (the same shape as this model)
 }
 
+# Pretrained tags: the checkpoints the authors released, under their release file names, with the top-1 (%) they
+# report for each (ImageNet val; CIFAR test for the transfers) and what differs from the model's own config. The
+# token-labeling T2T-ViT-24 (84.2_T2T_ViT_24.pth.tar) is left out: its key layout could not be checked here.
+RELEASE_URL = 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/'
+_CIFAR = dict(input_size=(3, 224, 224), crop_pct=1.0, interpolation='bilinear', mean=CIFAR_MEAN, std=CIFAR_STD)
+_CIFAR10 = dict(num_classes=10, label_names=CIFAR10_CLASSES, **_CIFAR)
+_CIFAR100 = dict(num_classes=100, label_names=CIFAR100_CLASSES, **_CIFAR)
+
+
+def _in1k(name: str, file: str) -> Dict[str, Any]:
+    return dict(file=file, top1=PAPER_RESULTS[name][0], dataset='ImageNet-1k')
+
+
+PRETRAINED: Dict[str, Dict[str, Any]] = {
+    't2t_vit_7.in1k': _in1k('t2t_vit_7', '71.7_T2T_ViT_7.pth.tar'),
+    't2t_vit_10.in1k': _in1k('t2t_vit_10', '75.2_T2T_ViT_10.pth.tar'),
+    't2t_vit_12.in1k': _in1k('t2t_vit_12', '76.5_T2T_ViT_12.pth.tar'),
+    't2t_vit_14.in1k': _in1k('t2t_vit_14', '81.5_T2T_ViT_14.pth.tar'),
+    't2t_vit_14.in1k_384': dict(file='83.3_T2T_ViT_14.pth.tar', top1=83.3, dataset='ImageNet-1k',
+                                input_size=(3, 384, 384), crop_pct=1.0),
+    't2t_vit_14.in1k_ft_cifar10': dict(file='cifar10_t2t-vit_14_98.3.pth', top1=98.3, dataset='CIFAR-10', **_CIFAR10),
+    't2t_vit_14.in1k_ft_cifar100': dict(file='cirfar100_t2t-vit-14_88.4.pth', top1=88.4, dataset='CIFAR-100',
+                                        **_CIFAR100),  # (sic) the release's spelling
+    't2t_vit_19.in1k': _in1k('t2t_vit_19', '81.9_T2T_ViT_19.pth.tar'),
+    't2t_vit_19.in1k_ft_cifar10': dict(file='cifar10_t2t-vit_19_98.4.pth', top1=98.4, dataset='CIFAR-10', **_CIFAR10),
+    't2t_vit_19.in1k_ft_cifar100': dict(file='cifar100_t2t-vit-19_89.0.pth', top1=89.0, dataset='CIFAR-100',
+                                        **_CIFAR100),
+    't2t_vit_24.in1k': _in1k('t2t_vit_24', '82.3_T2T_ViT_24.pth.tar'),
+    't2t_vit_t_14.in1k': _in1k('t2t_vit_t_14', '81.7_T2T_ViTt_14.pth.tar'),
+    't2t_vit_t_19.in1k': _in1k('t2t_vit_t_19', '82.4_T2T_ViTt_19.pth.tar'),
+    't2t_vit_t_24.in1k': _in1k('t2t_vit_t_24', '82.6_T2T_ViTt_24.pth.tar'),
+}
+
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     return {
@@ -405,7 +447,28 @@ def default_cfg_for(name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
                 crop_pct=1.0 if size[0] < 64 else 0.9)
 
 
-default_cfgs = {name: default_cfg_for(name, cfg) for name, cfg in MODEL_CONFIGS.items()}
+def _pretrained_cfg(tag: str, release: Dict[str, Any]) -> Dict[str, Any]:
+    """A tag's timm cfg: the release URL, read by ``T2TViT.load_pretrained`` (``custom_load``: the file is a
+    reference ``.pth.tar``, not a bare state dict). timm's cfg takes no keys of its own, so the top-1 goes in
+    ``description``, which export keeps."""
+    name = tag.split('.')[0]
+    overrides = {k: v for k, v in release.items() if k not in ('file', 'top1', 'dataset')}
+    return {
+        **default_cfg_for(name, MODEL_CONFIGS[name]),
+        'url': RELEASE_URL + release['file'],
+        'custom_load': True,
+        'description': f"top-1 {release['top1']}% on {release['dataset']} (the authors' release {release['file']})",
+        'origin_url': 'https://github.com/yitu-opensource/T2T-ViT',
+        'paper_ids': 'arXiv:2101.11986',
+        **overrides,
+    }
+
+
+_TAGGED = {tag.split('.')[0] for tag in PRETRAINED}
+default_cfgs = generate_default_cfgs({
+    **{name: default_cfg_for(name, cfg) for name, cfg in MODEL_CONFIGS.items() if name not in _TAGGED},
+    **{tag: _pretrained_cfg(tag, release) for tag, release in PRETRAINED.items()},
+})
 
 
 def _num_feature_stages(model_cls, kwargs) -> int:
@@ -421,6 +484,12 @@ def create_t2t_vit(variant: str, pretrained: bool = False, model_cls=T2TViT,
     """
     model_args = {**(MODEL_CONFIGS if configs is None else configs)[variant], **kwargs}
     out_indices = model_args.pop('out_indices', (0, 1, -1))
+    if pretrained:
+        # fetched here, so that a missing file and no network end in one line that says where to put it;
+        # timm then finds it in its cache and hands it to ``T2TViT.load_pretrained``
+        from ..checkpoint import fetch_pretrained
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        fetch_pretrained(cfg.to_dict(), cache_dir=kwargs.get('cache_dir'))
     device, dtype = model_args.pop('device', None), model_args.pop('dtype', None)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = build_model_with_cfg(
