@@ -389,3 +389,16 @@ def test_convert_command_exit_status_for_a_bad_path(tmp_path):
 
 def test_spec_list_covers_the_fifteen_reference_models(fixtures_dir):
     assert len(SPECS) == 15, SPECS
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_c_14', 'vit_dn', 't2t_vit_7'])
+def test_rgb_weights_load_into_a_gray_model(name, tmp_path):
+    # convolutional stems (t2t_vit_c_14, the ViT patch embedding) and the Performer soft split alike
+    torch.manual_seed(0)
+    rgb = t2tvit.create_model(name, img_size=64).eval()
+    path = tmp_path / 'rgb.pth'
+    torch.save(rgb.state_dict(), path)
+    gray = t2tvit.create_model(name, img_size=64, in_chans=1, checkpoint_path=str(path)).eval()
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(gray(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-4, rtol=1e-4)

@@ -297,3 +297,29 @@ def test_readme_pretrained_section_runs_offline(hub, releases, fixtures_dir, off
     x = torch.from_numpy(official_ckpt.make_inputs(1, 224))
     with torch.no_grad():
         assert torch.equal(second['model'].eval()(x), t2tvit.create_model('t2t_vit_14', pretrained=True).eval()(x))
+
+
+@pytest.mark.parametrize('name', sorted(RELEASE))
+def test_pretrained_weights_read_gray_images_as_timm_adapts_them(name, hub, releases):
+    # timm's test_model_load_pretrained: in_chans=1 with a new head or none, and features_only, all load
+    _place(hub, releases, RELEASE[name])
+    rgb = timm.create_model(name, pretrained=True, num_classes=0).eval()
+    gray = timm.create_model(name, pretrained=True, in_chans=1, num_classes=0).eval()
+    assert timm.create_model(name, pretrained=True, in_chans=1, num_classes=5).num_classes == 5
+    x = torch.randn(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y1, y3 = gray(x), rgb(x.expand(-1, 3, -1, -1))
+        if name == 't2t_vit_7':
+            # the RGB weights summed over channels: a gray image gives what its 3-channel copy gives
+            torch.testing.assert_close(y1, y3, atol=1e-4, rtol=1e-4)
+        else:
+            # the Transformer T2T layer scales attention by its input width (a reference quirk kept for parity),
+            # 49 values for a gray patch against 147: close, not equal
+            assert torch.isfinite(y1).all() and torch.nn.functional.cosine_similarity(y1, y3).min() > 0.5
+        # more channels repeat R, G, B at 3 / channels: an RGBR image whose 4th channel is 0 gives 3/4 of the
+        # RGB image's first-layer response, so the model runs (finite) and differs from the RGB model
+        four = timm.create_model(name, pretrained=True, in_chans=4, num_classes=0).eval()
+        y = four(torch.cat([x.expand(-1, 3, -1, -1), x], dim=1))
+        assert y.shape == (2, rgb.num_features) and torch.isfinite(y).all()
+    features = timm.create_model(name, pretrained=True, features_only=True).eval()
+    assert len(features(torch.randn(1, 3, 224, 224))) == 3

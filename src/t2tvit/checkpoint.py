@@ -573,6 +573,61 @@ def _checkpoint_grid(ckpt: Checkpoint | None, table: torch.Tensor, prefix: int) 
     return (side, side) if side * side == table.shape[1] - prefix else None
 
 
+def _first_layer_weight(model: nn.Module) -> str | None:
+    """State-dict key of the weight that reads the image (``pretrained_cfg['first_conv']``)."""
+    first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
+    return f'{first}.weight' if isinstance(first, str) else None
+
+
+def _repeat_channels(t: torch.Tensor, chans: int, scale: float = 1.0) -> torch.Tensor:
+    """(out, 3, ...) -> (out, chans, ...): R, G, B repeated in turn, times ``scale``."""
+    reps = (chans + 2) // 3
+    return t.repeat(1, reps, *([1] * (t.ndim - 2)))[:, :chans] * scale
+
+
+def adapt_input_channels(sd: StateDict, own: StateDict, first: str | None) -> int | None:
+    """Fit the RGB layer that reads the image (key ``first``) to the model's number of input channels, in place.
+
+    timm's rule for a first convolution: one channel gets the sum over R, G, B (a gray image gives the
+    response of its 3-channel copy), more channels repeat R, G, B scaled by 3 / channels. The T2T soft split
+    feeds an unfolded patch (channel by channel) through a LayerNorm into a Linear: for one channel the
+    LayerNorm's affine part is folded into the Linear, which keeps that gray-image identity exact (a
+    replicated patch has the same mean and variance); for more, the LayerNorm's weight and bias repeat
+    like the channels. Returns the channel count, or None where ``first`` is no such layer.
+    """
+    if first is None or first not in sd or first not in own or sd[first].shape == own[first].shape:
+        return None
+    w, shape = sd[first], own[first].shape
+    if w.ndim != len(shape) or w.shape[0] != shape[0] or w.ndim not in (2, 4):
+        return None
+    if w.ndim == 4:
+        if w.shape[1] != 3 or w.shape[2:] != shape[2:]:
+            return None
+        chans = shape[1]
+        sd[first] = (w.float().sum(1, keepdim=True) if chans == 1
+                     else _repeat_channels(w.float(), chans, 3 / chans)).to(w.dtype)
+        return chans
+    if w.shape[1] % 3 or shape[1] % (w.shape[1] // 3):
+        return None
+    patch, chans = w.shape[1] // 3, shape[1] // (w.shape[1] // 3)
+    norms = [k for k in sd if k.endswith('norm1.weight') and tuple(sd[k].shape) == (w.shape[1],)
+             and k in own and tuple(own[k].shape) == (shape[1],)]
+    if len(norms) != 1:
+        return None
+    norm, bias = norms[0][:-len('weight')], first[:-len('weight')] + 'bias'
+    gamma, beta, w32 = sd[norm + 'weight'].float(), sd[norm + 'bias'].float(), w.float()
+    if chans == 1:
+        sd[first] = (w32.reshape(-1, 3, patch) * gamma.reshape(3, patch)).sum(1).to(w.dtype)
+        if bias in sd:
+            sd[bias] = (sd[bias].float() + w32 @ beta).to(sd[bias].dtype)
+        sd[norm + 'weight'], sd[norm + 'bias'] = torch.ones_like(gamma[:patch]), torch.zeros_like(beta[:patch])
+    else:
+        sd[first] = _repeat_channels(w32.reshape(-1, 3, patch), chans, 3 / chans).reshape(shape).to(w.dtype)
+        sd[norm + 'weight'] = _repeat_channels(gamma.reshape(1, 3, patch), chans).reshape(-1)
+        sd[norm + 'bias'] = _repeat_channels(beta.reshape(1, 3, patch), chans).reshape(-1)
+    return chans
+
+
 def _fit_state_dict(sd: StateDict, model: nn.Module, source: str, ckpt: Checkpoint | None = None,
                     strict: bool = True) -> StateDict:
     """``sd`` adapted to ``model``: head left out when the classes differ, position table resized."""
@@ -614,6 +669,10 @@ def _fit_state_dict(sd: StateDict, model: nn.Module, source: str, ckpt: Checkpoi
                                                mode=mode)
             old = f'{old_grid[0]}x{old_grid[1]}' if old_grid else f'{table.shape[1] - prefix} positions'
             notes.append((logging.INFO, f'{source}: position table {old} -> {new_grid[0]}x{new_grid[1]} ({mode})'))
+
+    chans = adapt_input_channels(sd, own, _first_layer_weight(model))
+    if chans is not None:
+        notes.append((logging.INFO, f'{source}: the RGB input layer adapted to {chans} input channels'))
 
     got = {k: tuple(v.shape) for k, v in sd.items()}
     want = {k: tuple(v.shape) for k, v in own.items()}
