@@ -1,0 +1,80 @@
+"""Fast inference paths keep the reference numbers: the T2T stem's soft splits as strided convolutions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t2tvit
+from conftest import fixture_model
+
+
+def digits(count: int, size: int) -> torch.Tensor:
+    """scikit-learn's handwritten digits as ImageNet-normalised RGB images: flat black backgrounds."""
+    from sklearn.datasets import load_digits
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    images = torch.from_numpy(load_digits().images[:count]).float()[:, None] / 16.0
+    images = F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[None, :, None, None]
+    std = torch.tensor(IMAGENET_DEFAULT_STD)[None, :, None, None]
+    return (images - mean) / std
+
+
+def naive_twin(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The same weights on the reference path (unfold, LayerNorm and Linear over patch matrices)."""
+    twin = t2tvit.create_model(name, img_size=model.img_size[0], attn_impl='naive').eval()
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_14', 't2t_vit_t_14'])
+def test_fused_stem_gives_the_reference_logits_on_real_images(name, fixtures_dir, official_ckpt):
+    model = fixture_model(name, fixtures_dir, official_ckpt)
+    assert model.tokens_to_token.fused_split
+    x = torch.cat([digits(4, 224), torch.randn(2, 3, 224, 224)])
+    with torch.no_grad():
+        fast_tokens, fast_stages = model.tokens_to_token.forward_stages(x)
+        ref_tokens, ref_stages = naive_twin(model, name).tokens_to_token.forward_stages(x)
+        torch.testing.assert_close(model(x), naive_twin(model, name)(x), atol=1e-4, rtol=0)
+    # the stem's own outputs (before 14 blocks and a LayerNorm) carry float32 rounding of a different sum order
+    torch.testing.assert_close(fast_tokens, ref_tokens, atol=5e-4, rtol=0)
+    for fast, ref in zip(fast_stages, ref_stages):
+        assert fast.shape == ref.shape
+        torch.testing.assert_close(fast, ref, atol=5e-4, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_lite_32', 't2t_vit_t_14'])
+def test_fused_stem_trains_like_the_unfold_stem(name):
+    torch.manual_seed(0)
+    size = 32 if name.endswith('_32') else 64
+    model = t2tvit.create_model(name, img_size=size, drop_rate=0.0).train()
+    for m in model.modules():  # the Performer's own dropout layers
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    twin = t2tvit.create_model(name, img_size=size, attn_impl='naive').train()
+    twin.load_state_dict(model.state_dict())
+    for m in twin.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
+    for net in (model, twin):
+        F.cross_entropy(net(x), y).backward()
+    grads = dict(twin.named_parameters())
+    for key, p in model.named_parameters():
+        if p.grad is None:
+            assert grads[key].grad is None, key
+            continue
+        torch.testing.assert_close(p.grad, grads[key].grad, atol=1e-4, rtol=1e-3, msg=key)
+    assert list(model.state_dict()) == list(twin.state_dict())
+
+
+def test_a_hook_on_a_stem_layer_still_fires():
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_lite_32').eval()
+    seen = []
+    model.tokens_to_token.attention1.norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hooked = model(x)
+    assert seen == [torch.Size([2, 1024, 27])]
+    model.tokens_to_token.attention1.norm1._forward_hooks.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hooked, atol=1e-5, rtol=0)
