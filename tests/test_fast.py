@@ -78,3 +78,67 @@ def test_a_hook_on_a_stem_layer_still_fires():
     model.tokens_to_token.attention1.norm1._forward_hooks.clear()
     with torch.no_grad():
         torch.testing.assert_close(model(x), hooked, atol=1e-5, rtol=0)
+
+
+# -- low precision: weights cast once, int8 ---------------------------------------------------------
+@pytest.mark.parametrize('dtype,cast', [('bf16', True), ('int8', False)])
+def test_low_precision_keeps_the_top1_of_float32_on_digits(dtype, cast, fixtures_dir, official_ckpt):
+    from t2tvit.analysis.benchmark import top1_agreement
+    model = fixture_model('t2t_vit_14', fixtures_dir, official_ckpt)
+    with torch.inference_mode():
+        same, in_top5 = top1_agreement(model, digits(100, 224), dtype=dtype, cast_weights=cast)
+    assert same >= 0.99 and in_top5 == 1.0
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14'])
+def test_low_precision_keeps_the_reference_top1_on_the_fixtures(name, fixtures_dir, official_ckpt):
+    import copy
+
+    from conftest import load_json
+    from t2tvit.quantize import quantize_int8
+    model = fixture_model(name, fixtures_dir, official_ckpt)
+    expected = load_json(fixtures_dir / f'{name}.expected.json')
+    x = torch.from_numpy(official_ckpt.make_inputs(expected['input']['batch'], expected['input']['size']))
+    reference = [top5[0] for top5 in expected['top5']]
+    with torch.inference_mode():
+        cast = copy.deepcopy(model).to(torch.bfloat16)(x.bfloat16())
+        assert cast.dtype == torch.bfloat16 and cast.argmax(-1).tolist() == reference
+        assert quantize_int8(model)(x).argmax(-1).tolist() == reference
+
+
+def test_int8_onnx_export_keeps_the_reference_top1(tmp_path, fixtures_dir, official_ckpt, capsys):
+    from conftest import load_json
+    from t2tvit.cli import main
+    from t2tvit.export import OnnxRuntimeModel, export_model
+    from t2tvit.quantize import quantize_onnx_int8
+    model = fixture_model('t2t_vit_7', fixtures_dir, official_ckpt)
+    expected = load_json(fixtures_dir / 't2t_vit_7.expected.json')
+    x = torch.from_numpy(official_ckpt.make_inputs(expected['input']['batch'], expected['input']['size']))
+    fp32 = export_model(model, 'onnx', tmp_path / 'fp32.onnx', dynamic_batch=True)
+    int8 = quantize_onnx_int8(fp32, tmp_path / 'int8.onnx')
+    assert int8.stat().st_size < 0.5 * fp32.stat().st_size  # the blocks' weights are int8
+    assert OnnxRuntimeModel(int8)(x).argmax(-1).tolist() == [top5[0] for top5 in expected['top5']]
+    # the command line writes and checks a quantized file
+    out = tmp_path / 'lite.onnx'
+    assert main(['export', '--model', 't2t_vit_lite_32', '--quantize', 'int8', '-o', str(out)]) == 0
+    assert out.is_file() and 'same top-1 1/1' in capsys.readouterr().out
+    assert main(['export', '--model', 't2t_vit_lite_32', '--quantize', 'int8', '--format', 'torchscript']) == 2
+
+
+@pytest.mark.parametrize('flags', [['--dtype', 'int8'], ['--dtype', 'bf16', '--cast-weights']])
+def test_benchmark_runs_low_precision(flags, capsys):
+    import json
+
+    from t2tvit.cli import main
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '-b', '2', '--steps', '1', '--warmup', '1',
+                 '--no-memory', '--json', *flags]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row['dtype'] == flags[1] and row['img_per_s'] > 0 and row['cast_weights'] == ('--cast-weights' in flags)
+
+
+@pytest.mark.parametrize('flags', [['--dtype', 'int8', '--mode', 'train'], ['--cast-weights'],
+                                   ['--dtype', 'bf16', '--cast-weights', '--mode', 'train']])
+def test_benchmark_low_precision_mistakes_are_user_errors(flags, capsys):
+    from t2tvit.cli import main
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '--no-memory', *flags]) == 2
+    assert 'error:' in capsys.readouterr().err

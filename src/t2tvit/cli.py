@@ -455,7 +455,7 @@ def _run_benchmark(args) -> int:
     cfg = BenchmarkConfig(model=args.model, mode=args.mode, batch=args.batch_size, img_size=args.img_size,
                           dtype=args.dtype, attn=args.attn, compile=args.compile, device=args.device,
                           steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
-                          activations=args.activations or '')
+                          activations=args.activations or '', cast_weights=args.cast_weights)
     try:
         result = run_benchmark(cfg, memory=not args.no_memory)
     except ValueError as e:  # an image size the model's geometry cannot tile
@@ -472,8 +472,11 @@ def _add_benchmark(sub):
                    help='infer: forward under inference_mode; train: forward, backward and AdamW step')
     p.add_argument('-b', '--batch-size', type=int, default=32, metavar='B')
     p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
-    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16'],
-                   help='bf16/fp16 run under autocast with float32 weights')
+    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16', 'int8'],
+                   help='bf16/fp16 run under autocast with float32 weights; int8: the blocks and head dynamically '
+                        'quantized (CPU inference)')
+    p.add_argument('--cast-weights', action='store_true',
+                   help='bf16/fp16 inference with the weights cast once (model.to(dtype)), not autocast')
     p.add_argument('--attn', default='sdpa', choices=['sdpa', 'naive'],
                    help='naive: the reference explicit softmax(q k^T) v')
     p.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True); prints the compile time')
@@ -490,7 +493,7 @@ def _add_benchmark(sub):
                    help='skip the peak-memory measurement (on CPU a second process; peak_mem_mb is null)')
     p.add_argument('--json', action='store_true', help='print one JSON object: ' + ', '.join(
         ['model', 'mode', 'batch', 'img_size', 'dtype', 'attn', 'compile', 'device', 'img_per_s', 'ms_per_step',
-         'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops']))
+         'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops', 'cast_weights']))
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -498,7 +501,7 @@ def _run_export(args) -> int:
     from .export import export_cli
     return export_cli(model=args.model, checkpoint=args.checkpoint, fmt=args.format, out=args.output,
                       img_size=args.img_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                      verify=not args.no_verify)
+                      verify=not args.no_verify, quantize=args.quantize)
 
 
 def _add_export(sub):
@@ -512,6 +515,8 @@ def _add_export(sub):
     p.add_argument('--dynamic-batch', action='store_true', help='any batch size at run time (default: batch 1)')
     p.add_argument('--opset', type=int, default=18, help='ONNX opset (17 or newer; default 18)')
     p.add_argument('--no-verify', action='store_true', help='skip running the exported file against PyTorch')
+    p.add_argument('--quantize', choices=['int8'],
+                   help="ONNX with the blocks' and head's weights in int8 (onnxruntime dynamic quantization)")
 
 
 # -- ablate ---------------------------------------------------------------------------------------

@@ -106,13 +106,18 @@ def max_abs_diff(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tens
 
 
 def export_cli(model: str | None, checkpoint: str | None, fmt: str, out: str | None,
-               img_size: int | None, dynamic_batch: bool, opset: int = DEFAULT_OPSET, verify: bool = True) -> int:
+               img_size: int | None, dynamic_batch: bool, opset: int = DEFAULT_OPSET, verify: bool = True,
+               quantize: str | None = None) -> int:
     """``t2tvit export``: build, write, and compare the file's logits with PyTorch's."""
     from .factory import UnknownModelError, create_model
     if model is None and checkpoint is None:
         raise UserError('give --model NAME, or --checkpoint PATH of a t2tvit checkpoint')
     if fmt == 'onnx' and opset < MIN_OPSET:
         raise UserError(f'--opset {opset}: ONNX export needs opset {MIN_OPSET} or newer')
+    if quantize not in (None, 'int8'):
+        raise UserError(f'--quantize {quantize!r}: the one quantization is int8')
+    if quantize and fmt != 'onnx':
+        raise UserError(f'--quantize int8 writes ONNX (onnxruntime quantization): use --format onnx, not {fmt}')
     kwargs = {'img_size': img_size} if img_size else {}
     try:
         net = create_model(model, checkpoint_path=checkpoint, **kwargs).eval()
@@ -124,8 +129,17 @@ def export_cli(model: str | None, checkpoint: str | None, fmt: str, out: str | N
     path = Path(out or f'{name}{FORMATS[fmt]}')
     if fmt == 'exported' and path.suffix != '.pt2':
         raise UserError(f'-o {path}: torch.export.load reads programs from files ending in .pt2')
-    export_model(net, fmt, path, img_size=img_size, dynamic_batch=dynamic_batch, opset=opset)
-    print(f'wrote {path} ({fmt}, {path.stat().st_size / 2 ** 20:.1f} MB, '
+    if quantize:
+        import tempfile
+
+        from .quantize import quantize_onnx_int8
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_model(net, fmt, Path(tmp) / path.name, img_size=img_size, dynamic_batch=dynamic_batch,
+                                opset=opset)
+            quantize_onnx_int8(fp32, path)
+    else:
+        export_model(net, fmt, path, img_size=img_size, dynamic_batch=dynamic_batch, opset=opset)
+    print(f'wrote {path} ({fmt}{" int8" if quantize else ""}, {path.stat().st_size / 2 ** 20:.1f} MB, '
           f"{'dynamic batch' if dynamic_batch else 'batch 1'}, {net.img_size[0]}x{net.img_size[1]})")
     if not verify:
         return 0
@@ -135,6 +149,14 @@ def export_cli(model: str | None, checkpoint: str | None, fmt: str, out: str | N
         print('not verified: onnxruntime is not installed (pip install onnxruntime)')
         return 0
     x = torch.randn(3 if dynamic_batch else 1, 3, *net.img_size)
+    if quantize:
+        # int8 weights move the logits by more than float32's tolerance: the class is what must hold
+        with torch.no_grad():
+            ref, low = net(x), exported(x)
+        same = int((ref.argmax(-1) == low.argmax(-1)).sum())
+        print(f"int8 vs PyTorch float32 on a random batch of {x.shape[0]}: same top-1 {same}/{x.shape[0]}, "
+              f"max |logits diff| {(ref - low).abs().max().item():.2e}")
+        return 0
     diff = max_abs_diff(net, exported, x)
     ok = diff <= TOLERANCE
     print(f"max |logits - PyTorch's| on a random batch of {x.shape[0]}: {diff:.2e} "

@@ -34,9 +34,11 @@ from ..errors import UserError
 
 MODES = ('infer', 'train')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# int8: the blocks' and head's Linear layers dynamically quantized (t2tvit.quantize), CPU inference only
+BENCH_DTYPES = (*DTYPES, 'int8')
 DEVICES = ('cpu', 'cuda')
 JSON_KEYS = ('model', 'mode', 'batch', 'img_size', 'dtype', 'attn', 'compile', 'device', 'img_per_s',
-             'ms_per_step', 'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops')
+             'ms_per_step', 'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops', 'cast_weights')
 
 
 @dataclass
@@ -55,6 +57,8 @@ class BenchmarkConfig:
     # training: 'lean' keeps LayerNorm/GELU inputs for backward, not their outputs (layers/lean.py);
     # 'plain' is autograd's own saving; '' picks lean for sdpa and plain for naive, the reference math
     activations: str = ''
+    # bf16/fp16 inference: weights and input cast once (model.to(dtype)) instead of autocast's per-call casts
+    cast_weights: bool = False
 
     @property
     def lean(self) -> bool:
@@ -65,12 +69,18 @@ class BenchmarkConfig:
         from ..layers.attention import ATTN_IMPLS
         if self.model not in list_models():
             raise UserError(f'unknown model {self.model!r}; run `t2tvit models` for the list')
-        for name, value, allowed in (('mode', self.mode, MODES), ('dtype', self.dtype, tuple(DTYPES)),
+        for name, value, allowed in (('mode', self.mode, MODES), ('dtype', self.dtype, BENCH_DTYPES),
                                      ('attn', self.attn, ATTN_IMPLS), ('device', self.device, DEVICES)):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
         if self.activations not in ('', 'lean', 'plain'):
             raise UserError(f'--activations {self.activations!r} is not one of lean, plain')
+        if self.dtype == 'int8' and (self.mode != 'infer' or self.device != 'cpu' or self.compile):
+            raise UserError(
+                '--dtype int8 is CPU inference without --compile: drop --mode train, --device cuda, --compile')
+        if self.cast_weights and (self.dtype not in ('bf16', 'fp16') or self.mode != 'infer'):
+            raise UserError(
+                '--cast-weights casts the weights for bf16/fp16 inference: add --dtype bf16 (no --mode train)')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
             raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
         if self.device == 'cuda' and not torch.cuda.is_available():
@@ -124,6 +134,7 @@ class BenchmarkResult:
             'img_per_s': round(self.img_per_s, 3), 'ms_per_step': round(self.ms_per_step, 3),
             'peak_mem_mb': None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
             'gflops_per_s': round(self.gflops_per_s, 2), 'matmul_peak_gflops': round(self.matmul_peak_gflops, 2),
+            'cast_weights': c.cast_weights,
         }
 
 
@@ -134,7 +145,13 @@ def default_img_size(model: str) -> int:
 
 
 def _autocast(cfg: BenchmarkConfig):
-    return torch.autocast(cfg.device, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != 'fp32')
+    enabled = cfg.dtype in ('bf16', 'fp16') and not cfg.cast_weights
+    return torch.autocast(cfg.device, dtype=DTYPES.get(cfg.dtype, torch.float32), enabled=enabled)
+
+
+def matmul_dtype(cfg: BenchmarkConfig) -> str:
+    """The dtype whose matmul rate a step is compared with (int8 steps: float32's)."""
+    return cfg.dtype if cfg.dtype in DTYPES else 'fp32'
 
 
 def _sync(device: torch.device):
@@ -157,6 +174,12 @@ class StepRunner:
             model.set_grad_checkpointing(True)
         self.model = model.to(self.device).train(cfg.mode == 'train')
         self.x = torch.randn(cfg.batch, 3, self.img_size, self.img_size, device=self.device)
+        if cfg.dtype == 'int8':
+            from ..quantize import quantize_int8
+            self.model = model = quantize_int8(model)
+        elif cfg.cast_weights:
+            self.model = model = model.to(DTYPES[cfg.dtype])
+            self.x = self.x.to(DTYPES[cfg.dtype])
         if cfg.mode == 'train':
             self.y = torch.randint(0, model.num_classes, (cfg.batch,), device=self.device)
             self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -307,7 +330,7 @@ def _alternate(runners: list, steps: int) -> tuple[list[list[float]], list[list[
             times[i].append(runner.timed_step())
         rates: dict[tuple[str, str], float] = {}
         for i, runner in enumerate(runners):
-            key = (runner.cfg.dtype, runner.cfg.device)
+            key = (matmul_dtype(runner.cfg), runner.cfg.device)
             if key not in rates:
                 rates[key] = matmul_peak_gflops(*key, budget_s=0.3)
             matmul[i].append(rates[key])
@@ -383,16 +406,25 @@ def run_onnxruntime_pair(cfg: BenchmarkConfig) -> tuple[BenchmarkResult, Benchma
 
 @torch.no_grad()
 def top1_agreement(model: torch.nn.Module, images: torch.Tensor, dtype: str = 'bf16', batch: int = 32,
-                   device: str = 'cpu') -> tuple[float, float]:
-    """Fraction of ``images`` whose top-1 class under ``dtype`` autocast equals the float32 one, and
-    the fraction whose low-precision top-1 is among the float32 top-5."""
+                   device: str = 'cpu', cast_weights: bool = False) -> tuple[float, float]:
+    """Fraction of ``images`` whose top-1 class under ``dtype`` autocast (``cast_weights``: with the weights
+    cast once; ``int8``: quantized) equals the float32 one, and the fraction whose low-precision top-1 is
+    among the float32 top-5."""
+    import copy
     model = model.eval().to(device)
+    if dtype == 'int8':
+        from ..quantize import quantize_int8
+        low_model, low_dtype, autocast = quantize_int8(model), torch.float32, False
+    elif cast_weights:
+        low_model, low_dtype, autocast = copy.deepcopy(model).to(DTYPES[dtype]), DTYPES[dtype], False
+    else:
+        low_model, low_dtype, autocast = model, torch.float32, True
     agree = in_top5 = 0
     for chunk in images.split(batch):
         chunk = chunk.to(device)
         ref = model(chunk).float()
-        with torch.autocast(device, dtype=DTYPES[dtype]):
-            low = model(chunk).float()
+        with torch.autocast(device, dtype=DTYPES.get(dtype, torch.float32), enabled=autocast):
+            low = low_model(chunk.to(low_dtype)).float()
         top1 = low.argmax(dim=-1)
         agree += int((top1 == ref.argmax(dim=-1)).sum())
         in_top5 += int((ref.topk(5, dim=-1).indices == top1[:, None]).any(dim=-1).sum())
@@ -402,14 +434,14 @@ def top1_agreement(model: torch.nn.Module, images: torch.Tensor, dtype: str = 'b
 def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
-    options = (' compiled' if c.compile else '') + (
+    options = (' compiled' if c.compile else '') + (' weights cast once' if c.cast_weights else '') + (
         ' grad-checkpointing' if c.grad_checkpointing else '') + (
         f" activations={'lean' if c.lean else 'plain'}" if c.mode == 'train' else '')
     fraction = r.peak_fraction
     lines = [
         f'{c.model} {c.mode} batch {c.batch} {r.img_size}px {c.dtype} attn={c.attn}{options} on {c.device}',
         f'  {r.img_per_s:.2f} img/s  {r.ms_per_step:.1f} ms/step (median of {len(r.step_ms)})  peak memory {mem}',
-        (f'  {r.gflops_per_s:.1f} GFLOP/s, {fraction:.0%} of the {c.dtype} matmul rate measured between steps '
+        (f'  {r.gflops_per_s:.1f} GFLOP/s, {fraction:.0%} of the {matmul_dtype(c)} matmul rate measured between steps '
         f'(peak {r.matmul_peak_gflops:.1f} GFLOP/s)'),
     ]
     if c.compile:
