@@ -142,3 +142,27 @@ def test_benchmark_low_precision_mistakes_are_user_errors(flags, capsys):
     from t2tvit.cli import main
     assert main(['benchmark', '--model', 't2t_vit_lite_32', '--no-memory', *flags]) == 2
     assert 'error:' in capsys.readouterr().err
+
+
+# -- where the time goes, and beside other models -----------------------------------------------------
+def test_benchmark_breakdown_prints_each_stage_share(capsys):
+    from t2tvit.cli import main
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '-b', '2', '--steps', '2', '--breakdown']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith('t2t_vit_lite_32 forward, batch 2')
+    shares = [float(line.split()[-1].rstrip('%')) for line in lines[1:]]
+    assert len(shares) == 3 and all(s >= 0 for s in shares) and abs(sum(shares) - 100) < 0.5
+    assert 'T2T stem' in lines[1] and 'blocks' in lines[2] and 'head' in lines[3]
+
+
+def test_benchmark_compare_times_timm_models_beside_ours(capsys):
+    from t2tvit.cli import main
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '-b', '2', '--steps', '2',
+                 '--compare', 'resnet18']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == {'t2t_vit_lite_32', 'resnet18'}
+    assert rows['t2t_vit_lite_32'][3] == '1.00x' and float(rows['resnet18'][1]) > 0
+    assert rows['resnet18'][-1] == '-'  # no published top-1 on record for it
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '--compare', 'no_such_model']) == 2
+

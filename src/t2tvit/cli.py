@@ -457,6 +457,14 @@ def _run_benchmark(args) -> int:
                           steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
                           activations=args.activations or '', cast_weights=args.cast_weights)
     try:
+        if args.breakdown:
+            from .analysis.benchmark import format_breakdown, run_breakdown
+            print(format_breakdown(cfg, run_breakdown(cfg)))
+            return 0
+        if args.compare:
+            from .analysis.benchmark import format_compare, run_compare
+            print(format_compare(run_compare(cfg, args.compare)))
+            return 0
         result = run_benchmark(cfg, memory=not args.no_memory)
     except ValueError as e:  # an image size the model's geometry cannot tile
         raise UserError(f'--img-size {args.img_size}: {e}') from None
@@ -489,6 +497,11 @@ def _add_benchmark(sub):
                    help='train mode: keep the inputs of LayerNorm and GELU for backward and recompute their outputs '
                         '(lean, the default with --attn sdpa), or keep every output as plain autograd does '
                         '(plain, the default with --attn naive: the reference math)')
+    p.add_argument('--breakdown', action='store_true',
+                   help='time the forward pass by stage: T2T stem, Transformer blocks, head (share of the step)')
+    p.add_argument('--compare', nargs='+', metavar='TIMM_MODEL',
+                   help='time timm models (random weights) beside this one, step by step in turn, with their '
+                        'published top-1, e.g. vit_small_patch16_224 resnet50')
     p.add_argument('--no-memory', action='store_true',
                    help='skip the peak-memory measurement (on CPU a second process; peak_mem_mb is null)')
     p.add_argument('--json', action='store_true', help='print one JSON object: ' + ', '.join(

@@ -19,6 +19,7 @@ steps give the median ms/step and img/s. The other figures:
 ``run_pair`` times two configurations step by step in turn (A, B, A, B, ...) so that
 drift of a shared machine lands on both; ``benchmarks/compare.py`` builds its table on it.
 """
+import dataclasses
 import json
 import os
 import statistics
@@ -160,16 +161,20 @@ def _sync(device: torch.device):
 
 
 class StepRunner:
-    """One model, one random batch and one step function, ready to be timed."""
+    """One model, one random batch and one step function, ready to be timed.
 
-    def __init__(self, cfg: BenchmarkConfig, seed: int = 0):
+    ``model``: another network (a timm model of ``--compare``) run with ``cfg``'s batch, dtype and mode.
+    """
+
+    def __init__(self, cfg: BenchmarkConfig, seed: int = 0, model: torch.nn.Module | None = None):
         from ..factory import create_model
-        self.cfg = cfg.validate()
+        self.cfg = cfg.validate() if model is None else cfg
         self.img_size = cfg.img_size or default_img_size(cfg.model)
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
-        model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
-        model.set_lean_activations(cfg.lean)
+        if model is None:
+            model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
+            model.set_lean_activations(cfg.lean)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model.to(self.device).train(cfg.mode == 'train')
@@ -429,6 +434,104 @@ def top1_agreement(model: torch.nn.Module, images: torch.Tensor, dtype: str = 'b
         agree += int((top1 == ref.argmax(dim=-1)).sum())
         in_top5 += int((ref.topk(5, dim=-1).indices == top1[:, None]).any(dim=-1).sum())
     return agree / len(images), in_top5 / len(images)
+
+
+# Published ImageNet top-1 (%, 224 px) of timm models users compare against; timm's pretrained configs
+# carry no accuracy. vit_small_patch16_224 is DeiT-S (Touvron et al., ICML 2021, Table 1: 79.9);
+# resnet50 as in the T2T-ViT paper's Table 3 (torchvision's weights: 76.1); the rest from the same papers.
+KNOWN_TOP1 = {
+    'vit_small_patch16_224': 79.9,
+    'deit_small_patch16_224': 79.9,
+    'deit_tiny_patch16_224': 72.2,
+    'deit_base_patch16_224': 81.8,
+    'resnet50': 76.1,
+    'resnet101': 77.4,
+    'resnet152': 78.3,
+}
+
+
+def _timm_model(name: str) -> torch.nn.Module:
+    import timm
+    if not timm.is_model(name):
+        raise UserError(f'--compare {name}: timm has no model of that name (see timm.list_models())')
+    return timm.create_model(name, pretrained=False)
+
+
+def run_compare(cfg: BenchmarkConfig, others: list[str]) -> list[tuple[str, float | None, BenchmarkResult]]:
+    """``cfg``'s model and the timm models ``others`` (random weights) timed in turn step by step.
+
+    Rows: (name, published top-1 or None, result); the results' FLOPs are ours for our model and
+    0 for the others (their MACs are not counted here).
+    """
+    from ..models.t2t_vit import PAPER_RESULTS
+    runners = [StepRunner(cfg)]
+    for name in others:
+        model = _timm_model(name)
+        runners.append(StepRunner(dataclasses.replace(cfg, model=name, img_size=runners[0].img_size), model=model))
+    firsts = [_warm(r) for r in runners]
+    times, matmul = _alternate(runners, cfg.steps)
+    rows = []
+    for i, runner in enumerate(runners):
+        flops = None if i == 0 else 0.0
+        top1 = PAPER_RESULTS.get(cfg.model, (None,))[0] if i == 0 else KNOWN_TOP1.get(runner.cfg.model)
+        rows.append((runner.cfg.model, top1, _result(runner, times[i], firsts[i], matmul[i], flops)))
+    return rows
+
+
+def format_compare(rows: list[tuple[str, float | None, BenchmarkResult]]) -> str:
+    base = rows[0][2]
+    c = base.config
+    lines = [f'{c.mode} batch {c.batch} {base.img_size}px {c.dtype} on {c.device}, alternating step by step',
+             f"{'model':<28} {'img/s':>8} {'ms/step':>9} {'vs ' + rows[0][0]:>22} {'top-1 (published)':>18}"]
+    for name, top1, r in rows:
+        lines.append(f"{name:<28} {r.img_per_s:>8.2f} {r.ms_per_step:>9.1f} {speedup(r, base):>21.2f}x "
+                     f"{'-' if top1 is None else f'{top1:.1f}':>18}")
+    return '\n'.join(lines)
+
+
+STAGES = ('stem', 'blocks', 'head')
+
+
+def stage_times(runner: StepRunner) -> dict[str, float]:
+    """Seconds of one forward pass in each stage: the T2T stem with class token and positions, the
+    Transformer blocks, the final norm and the head (inference, the step's dtype)."""
+    model, cfg, x = runner.model, runner.cfg, runner.x
+    out: dict[str, float] = {}
+    with torch.inference_mode(), _autocast(cfg):
+        _sync(runner.device)
+        t0 = time.perf_counter()
+        tokens = model._tokens(x)[0]
+        _sync(runner.device)
+        t1 = time.perf_counter()
+        for blk in model.blocks:
+            tokens = blk(tokens)
+        _sync(runner.device)
+        t2 = time.perf_counter()
+        model.forward_head(model.norm(tokens))
+        _sync(runner.device)
+        t3 = time.perf_counter()
+    out.update(stem=t1 - t0, blocks=t2 - t1, head=t3 - t2)
+    return out
+
+
+def run_breakdown(cfg: BenchmarkConfig) -> dict[str, float]:
+    """Median seconds of each stage over ``cfg.steps`` forward passes after the warm-up."""
+    runner = StepRunner(dataclasses.replace(cfg, mode='infer'))
+    for _ in range(max(1, cfg.warmup)):
+        stage_times(runner)
+    samples = [stage_times(runner) for _ in range(cfg.steps)]
+    return {stage: statistics.median(s[stage] for s in samples) for stage in STAGES}
+
+
+def format_breakdown(cfg: BenchmarkConfig, times: dict[str, float]) -> str:
+    total = sum(times.values())
+    lines = [f'{cfg.model} forward, batch {cfg.batch}, {cfg.dtype}, attn={cfg.attn}: {total * 1e3:.1f} ms '
+             f'(median of {cfg.steps} per stage)']
+    names = {'stem': 'T2T stem (soft splits, T2T layers, positions)', 'blocks': 'Transformer blocks',
+             'head': 'final norm and head'}
+    for stage in STAGES:
+        lines.append(f'  {names[stage]:<46} {times[stage] * 1e3:9.1f} ms  {times[stage] / total:6.1%}')
+    return '\n'.join(lines)
 
 
 def format_result(r: BenchmarkResult) -> str:
