@@ -450,11 +450,14 @@ KNOWN_TOP1 = {
 }
 
 
-def _timm_model(name: str) -> torch.nn.Module:
+def _timm_model(name: str, img_size: int) -> torch.nn.Module:
     import timm
     if not timm.is_model(name):
         raise UserError(f'--compare {name}: timm has no model of that name (see timm.list_models())')
-    return timm.create_model(name, pretrained=False)
+    try:  # transformers fix their position table to one size; convolutional networks take any
+        return timm.create_model(name, pretrained=False, img_size=img_size)
+    except TypeError:
+        return timm.create_model(name, pretrained=False)
 
 
 def run_compare(cfg: BenchmarkConfig, others: list[str]) -> list[tuple[str, float | None, BenchmarkResult]]:
@@ -466,7 +469,7 @@ def run_compare(cfg: BenchmarkConfig, others: list[str]) -> list[tuple[str, floa
     from ..models.t2t_vit import PAPER_RESULTS
     runners = [StepRunner(cfg)]
     for name in others:
-        model = _timm_model(name)
+        model = _timm_model(name, runners[0].img_size)
         runners.append(StepRunner(dataclasses.replace(cfg, model=name, img_size=runners[0].img_size), model=model))
     firsts = [_warm(r) for r in runners]
     times, matmul = _alternate(runners, cfg.steps)
@@ -525,8 +528,8 @@ def run_breakdown(cfg: BenchmarkConfig) -> dict[str, float]:
 
 def format_breakdown(cfg: BenchmarkConfig, times: dict[str, float]) -> str:
     total = sum(times.values())
-    lines = [f'{cfg.model} forward, batch {cfg.batch}, {cfg.dtype}, attn={cfg.attn}: {total * 1e3:.1f} ms '
-             f'(median of {cfg.steps} per stage)']
+    lines = [f'{cfg.model} forward, batch {cfg.batch}, {cfg.dtype}, attn={cfg.attn}: {total * 1e3:.1f} ms, '
+             f'{cfg.batch / total:.2f} img/s (median of {cfg.steps} per stage)']
     names = {'stem': 'T2T stem (soft splits, T2T layers, positions)', 'blocks': 'Transformer blocks',
              'head': 'final norm and head'}
     for stage in STAGES:
