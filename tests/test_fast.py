@@ -166,3 +166,30 @@ def test_benchmark_compare_times_timm_models_beside_ours(capsys):
     assert rows['resnet18'][-1] == '-'  # no published top-1 on record for it
     assert main(['benchmark', '--model', 't2t_vit_lite_32', '--compare', 'no_such_model']) == 2
 
+
+
+# -- OpenVINO ----------------------------------------------------------------------------------------
+def _openvino_matches(model: torch.nn.Module, tmp_path, dynamic_batch: bool = True) -> float:
+    from t2tvit.export import OpenVinoModel, export_model
+    path = export_model(model, 'openvino', tmp_path / 'model.xml', dynamic_batch=dynamic_batch)
+    assert path.is_file() and path.with_suffix('.bin').is_file()
+    x = torch.randn(3 if dynamic_batch else 1, 3, *model.img_size)
+    with torch.no_grad():
+        return (OpenVinoModel(path)(x) - model(x)).abs().max().item()
+
+
+def test_openvino_export_matches_pytorch(tmp_path, fixtures_dir, official_ckpt, capsys):
+    pytest.importorskip('openvino', reason='openvino is not installed (pip install "t2tvit[openvino]")')
+    from t2tvit.cli import main
+    assert _openvino_matches(fixture_model('t2t_vit_7', fixtures_dir, official_ckpt), tmp_path) <= 1e-4
+    out = tmp_path / 'lite.xml'
+    assert main(['export', '--model', 't2t_vit_lite_32', '--format', 'openvino', '-o', str(out)]) == 0
+    assert out.is_file() and '(within 0.0001)' in capsys.readouterr().out
+    assert main(['export', '--model', 't2t_vit_lite_32', '--format', 'openvino', '-o', str(tmp_path / 'a.onnx')]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(t2tvit.models.PAPER_RESULTS))
+def test_openvino_export_matches_pytorch_every_paper_model(name, tmp_path, fixtures_dir, official_ckpt):
+    pytest.importorskip('openvino', reason='openvino is not installed (pip install "t2tvit[openvino]")')
+    assert _openvino_matches(fixture_model(name, fixtures_dir, official_ckpt), tmp_path) <= 1e-4

@@ -68,7 +68,7 @@ def test_readme_export_commands_run_on_a_demo_checkpoint(tmp_path, monkeypatch, 
     assert main(['train', '--config', 'demo', '-o', 'runs/demo', '--epochs', '1', '--warmup-epochs', '0',
                  '--no-progress']) == 0
     lines = _lines_of('export')
-    assert {line[line.index('--format') + 1] for line in lines} == {'onnx', 'torchscript', 'exported'}
+    assert {line[line.index('--format') + 1] for line in lines} == {'onnx', 'torchscript', 'exported', 'openvino'}
     for args in lines:
         capsys.readouterr()
         assert main(args) == 0, args

@@ -522,8 +522,9 @@ def _add_export(sub):
                  'checked against PyTorch on a random batch', _run_export)
     p.add_argument('--model', help='registered model name (optional with a t2tvit checkpoint)')
     p.add_argument('--checkpoint', metavar='PATH', help='weights to export (any layout `t2tvit validate` reads)')
-    p.add_argument('--format', default='onnx', choices=['onnx', 'torchscript', 'exported'])
-    p.add_argument('-o', '--output', metavar='OUT', help='file to write (default: MODEL.onnx, .pt or .pt2)')
+    p.add_argument('--format', default='onnx', choices=['onnx', 'torchscript', 'exported', 'openvino'],
+                   help='openvino: OpenVINO IR (.xml + .bin), needs pip install "t2tvit[openvino]"')
+    p.add_argument('-o', '--output', metavar='OUT', help='file to write (default: MODEL.onnx, .pt, .pt2 or .xml)')
     p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
     p.add_argument('--dynamic-batch', action='store_true', help='any batch size at run time (default: batch 1)')
     p.add_argument('--opset', type=int, default=18, help='ONNX opset (17 or newer; default 18)')

@@ -4,6 +4,9 @@
   newer, weights inside the file; runs in onnxruntime (``OnnxRuntimeModel``).
 - ``torchscript``: ``torch.jit.script`` (every shape stays dynamic), ``torch.jit.save``.
 - ``exported``: a ``torch.export`` program (``.pt2``), ``torch.export.load(path).module()``.
+- ``openvino``: OpenVINO IR (``.xml`` with its ``.bin`` weights beside it, float32), converted from the
+  PyTorch model by ``openvino.convert_model``; runs in OpenVINO's CPU runtime (``OpenVinoModel``) with
+  float32 inference precision (on CPUs with bf16 units OpenVINO would otherwise pick bf16).
 
 The model is exported in eval mode with float32 weights. ``dynamic_batch`` makes the batch
 dimension symbolic (``torch.export.Dim``); otherwise the file is specialised to batch 1.
@@ -21,7 +24,7 @@ from torch import nn
 
 from .errors import UserError
 
-FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported': '.pt2'}
+FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported': '.pt2', 'openvino': '.xml'}
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
 TOLERANCE = 1e-4
@@ -67,6 +70,12 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, img_size: int | No
     elif fmt == 'torchscript':
         with _torchscript():
             torch.jit.save(torch.jit.script(model), str(out))
+    elif fmt == 'openvino':
+        ov = _openvino()
+        ir = ov.convert_model(model, example_input=x)
+        if not dynamic_batch:
+            ir.reshape([1, *x.shape[1:]])
+        ov.save_model(ir, str(out), compress_to_fp16=False)
     else:
         program = torch.export.export(model, (x,), dynamic_shapes=(_batch_dim(),) if dynamic_batch else None)
         torch.export.save(program, str(out))
@@ -89,10 +98,31 @@ class OnnxRuntimeModel:
         return torch.from_numpy(logits)
 
 
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise UserError('--format openvino needs the openvino package: pip install "t2tvit[openvino]"') from None
+    return openvino
+
+
+class OpenVinoModel:
+    """An OpenVINO IR file compiled for the CPU with float32 precision, called like a model."""
+
+    def __init__(self, path: str | Path):
+        ov = _openvino()
+        self.compiled = ov.Core().compile_model(str(path), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.compiled(x.detach().cpu().numpy())[0].copy())
+
+
 def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable that runs an exported file: onnxruntime, ``torch.jit.load`` or ``torch.export.load``."""
+    """A callable that runs an exported file: onnxruntime, ``torch.jit.load``, ``torch.export.load`` or OpenVINO."""
     if fmt == 'onnx':
         return OnnxRuntimeModel(path)
+    if fmt == 'openvino':
+        return OpenVinoModel(path)
     if fmt == 'torchscript':
         with _torchscript():
             return torch.jit.load(str(path)).eval()
@@ -129,6 +159,10 @@ def export_cli(model: str | None, checkpoint: str | None, fmt: str, out: str | N
     path = Path(out or f'{name}{FORMATS[fmt]}')
     if fmt == 'exported' and path.suffix != '.pt2':
         raise UserError(f'-o {path}: torch.export.load reads programs from files ending in .pt2')
+    if fmt == 'openvino':
+        _openvino()
+        if path.suffix != '.xml':
+            raise UserError(f'-o {path}: OpenVINO IR is an .xml file (its weights go to the .bin beside it)')
     if quantize:
         import tempfile
 
