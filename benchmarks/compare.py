@@ -312,6 +312,15 @@ def onnxruntime(opts: Options) -> list[Row]:
                 f'onnxruntime {_img_s(ro)}', f'PyTorch {_img_s(rt)}', f'{ratio:.2f}x faster', 'report', '')]
 
 
+def openvino(opts: Options) -> list[Row]:
+    import openvino as ov
+    cfg = _base(opts, 't2t_vit_14', 'infer', 32)
+    rt, ro = run_onnxruntime_pair(cfg, 'openvino')
+    ratio = speedup(ro, rt)
+    return [Row(f'OpenVINO {ov.__version__.split("-")[0]} (fp32 IR) vs PyTorch eager: {_setting(cfg, rt.img_size)}',
+                'img/s', f'OpenVINO {_img_s(ro)}', f'PyTorch {_img_s(rt)}', f'{ratio:.2f}x faster', 'report', '')]
+
+
 def grad_checkpointing(opts: Options) -> list[Row]:
     a = _base(opts, 't2t_vit_t_14', 'train', 16)
     rows = []
@@ -341,7 +350,7 @@ CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
     'attn_train': attn_train, 'attn_train_384': attn_train_384, 'attn_infer': attn_infer, 'bf16': bf16,
     'bf16_agreement': bf16_agreement, 'compile_infer': compile_infer, 'compile_train': compile_train,
     'onnxruntime': onnxruntime, 'grad_checkpointing': grad_checkpointing, 'fast_stem': fast_stem, 'batch1': batch1,
-    'int8': int8,
+    'int8': int8, 'openvino': openvino,
 }
 FULL_ONLY = {'compile_train'}
 GPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {

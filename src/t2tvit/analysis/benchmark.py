@@ -375,17 +375,18 @@ def speedup(a: BenchmarkResult, b: BenchmarkResult) -> float:
 
 
 class OnnxRuntimeRunner:
-    """The same inference step through onnxruntime's CPU session, on a copy of ``runner``'s model and batch."""
+    """The same inference step through an exported file (onnxruntime's CPU session, or OpenVINO's CPU
+    runtime with ``fmt='openvino'``), on a copy of ``runner``'s model and batch."""
 
-    def __init__(self, runner: StepRunner, workdir: str):
-        from ..export import OnnxRuntimeModel, export_model
+    def __init__(self, runner: StepRunner, workdir: str, fmt: str = 'onnx'):
+        from ..export import FORMATS, export_model, load_exported
         cfg = runner.cfg
         if cfg.mode != 'infer' or cfg.device != 'cpu' or cfg.dtype != 'fp32':
-            raise ValueError('onnxruntime is compared on CPU fp32 inference only')
+            raise ValueError(f'{fmt} is compared on CPU fp32 inference only')
         self.cfg, self.img_size, self.device = cfg, runner.img_size, runner.device
-        path = export_model(runner.model, 'onnx', os.path.join(workdir, f'{cfg.model}.onnx'), img_size=runner.img_size,
-                            dynamic_batch=True)
-        self.session = OnnxRuntimeModel(path)
+        path = export_model(runner.model, fmt, os.path.join(workdir, f'{cfg.model}{FORMATS[fmt]}'),
+                            img_size=runner.img_size, dynamic_batch=True)
+        self.session = load_exported(path, fmt)
         self.x = runner.x
 
     def step(self):
@@ -397,12 +398,13 @@ class OnnxRuntimeRunner:
         return time.perf_counter() - t0
 
 
-def run_onnxruntime_pair(cfg: BenchmarkConfig) -> tuple[BenchmarkResult, BenchmarkResult]:
-    """PyTorch eager and onnxruntime on the same model and batch, timed in turn (CPU, fp32, infer)."""
+def run_onnxruntime_pair(cfg: BenchmarkConfig, fmt: str = 'onnx') -> tuple[BenchmarkResult, BenchmarkResult]:
+    """PyTorch eager and the exported file (onnxruntime, or OpenVINO with ``fmt='openvino'``) on the same
+    model and batch, timed in turn (CPU, fp32, infer)."""
     import tempfile
     runner = StepRunner(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        ort_runner = OnnxRuntimeRunner(runner, tmp)
+        ort_runner = OnnxRuntimeRunner(runner, tmp, fmt)
         first_t, first_o = _warm(runner), _warm(ort_runner)
         (tt, to), (mt, mo) = _alternate([runner, ort_runner], cfg.steps)
     flops = forward_flops(cfg.model, runner.img_size)
