@@ -41,29 +41,16 @@ def test_fused_stem_gives_the_reference_logits_on_real_images(name, fixtures_dir
         torch.testing.assert_close(fast, ref, atol=5e-4, rtol=0)
 
 
-@pytest.mark.parametrize('name', ['t2t_vit_lite_32', 't2t_vit_t_14'])
-def test_fused_stem_trains_like_the_unfold_stem(name):
+def test_training_keeps_the_unfold_stem():
+    # the folded projection's weight gradients would lose digits to cancellation: training steps unfold
     torch.manual_seed(0)
-    size = 32 if name.endswith('_32') else 64
-    model = t2tvit.create_model(name, img_size=size, drop_rate=0.0).train()
-    for m in model.modules():  # the Performer's own dropout layers
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    twin = t2tvit.create_model(name, img_size=size, attn_impl='naive').train()
-    twin.load_state_dict(model.state_dict())
-    for m in twin.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
-    for net in (model, twin):
-        F.cross_entropy(net(x), y).backward()
-    grads = dict(twin.named_parameters())
-    for key, p in model.named_parameters():
-        if p.grad is None:
-            assert grads[key].grad is None, key
-            continue
-        torch.testing.assert_close(p.grad, grads[key].grad, atol=1e-4, rtol=1e-3, msg=key)
-    assert list(model.state_dict()) == list(twin.state_dict())
+    model = t2tvit.create_model('t2t_vit_lite_32')
+    t2t = model.tokens_to_token
+    assert t2t._fused_applies() is False  # train mode, grad enabled
+    with torch.no_grad():
+        assert t2t._fused_applies() is True
+    model.eval()
+    assert t2t._fused_applies() is True
 
 
 def test_a_hook_on_a_stem_layer_still_fires():

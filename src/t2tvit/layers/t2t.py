@@ -216,8 +216,8 @@ class T2TModule(nn.Module):
             self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
         self.act = nn.GELU()  # between the convolutions of T2T-ViT-c; unused otherwise
         self.grad_checkpointing = False
-        # soft split + LayerNorm + projection as strided convolutions (split_norm_project); the naive
-        # path keeps the reference's unfold and patch matrices
+        # inference: soft split + LayerNorm + projection as strided convolutions (split_norm_project); the
+        # naive path and training keep the reference's unfold and patch matrices
         self.fused_split = not self.is_conv and attn_impl != 'naive'
 
     def _split_grid(self, h: int, w: int, i: int) -> Tuple[int, int]:
@@ -231,7 +231,9 @@ class T2TModule(nn.Module):
 
     @torch.jit.unused
     def _fused_applies(self) -> bool:
-        if not self.fused_split or (self.grad_checkpointing and self.training):
+        # training keeps the unfold path: the folded form's weight gradients subtract two large sums
+        # (conv(x, dy) and mean * sum(dy)), a float32 cancellation the patch matrices do not have
+        if not self.fused_split or (self.training and torch.is_grad_enabled()):
             return False
         # a hook on a module the fused path does not call would silently not fire: such a caller gets the reference path
         modules = [self.soft_split0, self.soft_split1, self.soft_split2, self.attention1, self.attention2, self.project]
