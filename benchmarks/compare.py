@@ -39,6 +39,7 @@ import t2tvit  # noqa: E402  (from src/ above, so the script runs from a checkou
 from t2tvit.analysis.benchmark import (  # noqa: E402
     BenchmarkConfig,
     BenchmarkResult,
+    run_compare,
     run_onnxruntime_pair,
     run_pair,
     speedup,
@@ -225,6 +226,65 @@ def bf16_agreement(opts: Options) -> list[Row]:
     return rows
 
 
+def _vs_timm(name: str, cfg: BenchmarkConfig, other: str, label: str, target: float | None,
+             latency: bool = False) -> list[Row]:
+    """Our model and a timm model (random weights) timed in turn; the ratio is ours over theirs."""
+    (_, _, ours), (_, top1, theirs) = run_compare(cfg, [other])
+    what = f'{name}: {_setting(cfg, ours.img_size)}' + (' (weights cast once)' if cfg.cast_weights else '')
+    if latency:  # how many times the other's latency ours takes
+        ratio = 1 / speedup(ours, theirs)
+        return [Row(what, 'latency (ms per image)', f'{cfg.model} {ours.ms_per_step:.1f} ms',
+                    f'{label} {theirs.ms_per_step:.1f} ms', f'{ratio:.2f}x the latency',
+                    f'<= {target}x' if target else 'report', _met(ratio, target, False) if target else '')]
+    ratio = speedup(ours, theirs)
+    return [Row(what, 'img/s', f'{cfg.model} {_img_s(ours)}', f'{label} ({top1}% top-1) {_img_s(theirs)}',
+                f'{ratio:.2f}x faster', f'>= {target}x' if target else 'report',
+                _met(ratio, target, True) if target else '')]
+
+
+def fast_stem(opts: Options) -> list[Row]:
+    # the fused soft splits against the reference path (unfold, LayerNorm and Linear over patch matrices)
+    a = _base(opts, 't2t_vit_14', 'infer', 32)
+    rows = _pair_rows('fused stem vs reference path', a, replace(a, attn='naive'), 'fused', 'naive', 1.25, None,
+                      memory=False)[0]
+    low = replace(a, dtype='bf16', cast_weights=True)
+    rows += _pair_rows('bf16 weights cast once vs the reference path under bf16 autocast', low,
+                       replace(a, dtype='bf16', attn='naive'), 'bf16 cast', 'naive bf16', 1.5, None, memory=False)[0]
+    rows += _vs_timm('bf16 vs DeiT-S', low, 'vit_small_patch16_224', 'DeiT-S', 0.85)
+    rows += _vs_timm('fp32 vs DeiT-S', a, 'vit_small_patch16_224', 'DeiT-S', None)
+    t = _base(opts, 't2t_vit_14', 'train', 16, dtype='bf16')
+    # training keeps the unfold stem (layers/t2t.py): sdpa and lean saving against the reference path
+    rows += _pair_rows('bf16 training vs reference path', t, replace(t, attn='naive'), 'sdpa',
+                       'naive', 1.3, None, memory=False, loss_rows=True)[0]
+    return rows
+
+
+def batch1(opts: Options) -> list[Row]:
+    rows = []
+    for low in (False, True):
+        cfg = BenchmarkConfig(model='t2t_vit_14', batch=1, device=opts.device, steps=max(opts.steps, 5),
+                              warmup=opts.warmup, dtype='bf16' if low else 'fp32', cast_weights=low)
+        rows += _vs_timm('batch 1 latency vs DeiT-S', cfg, 'vit_small_patch16_224', 'DeiT-S', 1.3, latency=True)
+    return rows
+
+
+def int8(opts: Options) -> list[Row]:
+    a = _base(opts, 't2t_vit_14', 'infer', 32, dtype='int8')
+    rows = _pair_rows('int8 (dynamic, blocks and head) vs fp32', a, replace(a, dtype='fp32'), 'int8', 'fp32', 1.5,
+                      None, memory=False)[0]
+    model = _fixture_model('t2t_vit_14')
+    weights = 'fixture weights' if model is not None else 'random init (no fixtures)'
+    model = model if model is not None else t2tvit.create_model('t2t_vit_14').eval()
+    images = _digits(opts.images, model.img_size[0])
+    for dtype, cast in (('int8', False), ('bf16', True)):
+        top1, top5 = top1_agreement(model, images, dtype, cast_weights=cast)
+        label = 'bf16 weights cast once' if cast else dtype
+        rows.append(Row(f'{label} vs fp32 top-1: t2t_vit_14 ({weights}), {len(images)} digits at 224px',
+                        'same top-1', f'{top1:.1%}', f'top-1 in fp32 top-5: {top5:.1%}', '', '>= 99%',
+                        _met(top1, 0.99, True)))
+    return rows
+
+
 def _compile_rows(a: BenchmarkConfig, note: str) -> list[Row]:
     import torch._inductor.config as inductor_config
     # a cold compile, as a first run sees it: no kernels from earlier runs' cache
@@ -251,6 +311,15 @@ def onnxruntime(opts: Options) -> list[Row]:
     ratio = speedup(ro, rt)
     return [Row(f'onnxruntime {ort.__version__} vs PyTorch eager: {_setting(cfg, rt.img_size)}', 'img/s',
                 f'onnxruntime {_img_s(ro)}', f'PyTorch {_img_s(rt)}', f'{ratio:.2f}x faster', 'report', '')]
+
+
+def openvino(opts: Options) -> list[Row]:
+    import openvino as ov
+    cfg = _base(opts, 't2t_vit_14', 'infer', 32)
+    rt, ro = run_onnxruntime_pair(cfg, 'openvino')
+    ratio = speedup(ro, rt)
+    return [Row(f'OpenVINO {ov.__version__.split("-")[0]} (fp32 IR) vs PyTorch eager: {_setting(cfg, rt.img_size)}',
+                'img/s', f'OpenVINO {_img_s(ro)}', f'PyTorch {_img_s(rt)}', f'{ratio:.2f}x faster', 'report', '')]
 
 
 def grad_checkpointing(opts: Options) -> list[Row]:
@@ -281,7 +350,8 @@ def gpu_compile(opts: Options) -> list[Row]:
 CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
     'attn_train': attn_train, 'attn_train_384': attn_train_384, 'attn_infer': attn_infer, 'bf16': bf16,
     'bf16_agreement': bf16_agreement, 'compile_infer': compile_infer, 'compile_train': compile_train,
-    'onnxruntime': onnxruntime, 'grad_checkpointing': grad_checkpointing,
+    'onnxruntime': onnxruntime, 'grad_checkpointing': grad_checkpointing, 'fast_stem': fast_stem, 'batch1': batch1,
+    'int8': int8, 'openvino': openvino,
 }
 FULL_ONLY = {'compile_train'}
 GPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {

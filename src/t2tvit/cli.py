@@ -528,8 +528,16 @@ def _run_benchmark(args) -> int:
     cfg = BenchmarkConfig(model=args.model, mode=args.mode, batch=args.batch_size, img_size=args.img_size,
                           dtype=args.dtype, attn=args.attn, compile=args.compile, device=args.device,
                           steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
-                          activations=args.activations or '')
+                          activations=args.activations or '', cast_weights=args.cast_weights)
     try:
+        if args.breakdown:
+            from .analysis.benchmark import format_breakdown, run_breakdown
+            print(format_breakdown(cfg, run_breakdown(cfg)))
+            return 0
+        if args.compare:
+            from .analysis.benchmark import format_compare, run_compare
+            print(format_compare(run_compare(cfg, args.compare)))
+            return 0
         result = run_benchmark(cfg, memory=not args.no_memory)
     except ValueError as e:  # an image size the model's geometry cannot tile
         raise UserError(f'--img-size {args.img_size}: {e}') from None
@@ -545,8 +553,11 @@ def _add_benchmark(sub):
                    help='infer: forward under inference_mode; train: forward, backward and AdamW step')
     p.add_argument('-b', '--batch-size', type=int, default=32, metavar='B')
     p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
-    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16'],
-                   help='bf16/fp16 run under autocast with float32 weights')
+    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16', 'int8'],
+                   help='bf16/fp16 run under autocast with float32 weights; int8: the blocks and head dynamically '
+                        'quantized (CPU inference)')
+    p.add_argument('--cast-weights', action='store_true',
+                   help='bf16/fp16 inference with the weights cast once (model.to(dtype)), not autocast')
     p.add_argument('--attn', default='sdpa', choices=['sdpa', 'naive'],
                    help='naive: the reference explicit softmax(q k^T) v')
     p.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True); prints the compile time')
@@ -559,11 +570,16 @@ def _add_benchmark(sub):
                    help='train mode: keep the inputs of LayerNorm and GELU for backward and recompute their outputs '
                         '(lean, the default with --attn sdpa), or keep every output as plain autograd does '
                         '(plain, the default with --attn naive: the reference math)')
+    p.add_argument('--breakdown', action='store_true',
+                   help='time the forward pass by stage: T2T stem, Transformer blocks, head (share of the step)')
+    p.add_argument('--compare', nargs='+', metavar='TIMM_MODEL',
+                   help='time timm models (random weights) beside this one, step by step in turn, with their '
+                        'published top-1, e.g. vit_small_patch16_224 resnet50')
     p.add_argument('--no-memory', action='store_true',
                    help='skip the peak-memory measurement (on CPU a second process; peak_mem_mb is null)')
     p.add_argument('--json', action='store_true', help='print one JSON object: ' + ', '.join(
         ['model', 'mode', 'batch', 'img_size', 'dtype', 'attn', 'compile', 'device', 'img_per_s', 'ms_per_step',
-         'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops']))
+         'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops', 'cast_weights']))
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -572,7 +588,7 @@ def _run_export(args) -> int:
     _use_pretrained(args)
     return export_cli(model=args.model, checkpoint=args.checkpoint, fmt=args.format, out=args.output,
                       img_size=args.img_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
-                      verify=not args.no_verify)
+                      verify=not args.no_verify, quantize=args.quantize)
 
 
 def _add_export(sub):
@@ -580,12 +596,15 @@ def _add_export(sub):
                  'checked against PyTorch on a random batch', _run_export)
     p.add_argument('--model', help='registered model name (optional with a t2tvit checkpoint)')
     _add_weights(p, 'weights to export (any layout `t2tvit validate` reads)')
-    p.add_argument('--format', default='onnx', choices=['onnx', 'torchscript', 'exported'])
-    p.add_argument('-o', '--output', metavar='OUT', help='file to write (default: MODEL.onnx, .pt or .pt2)')
+    p.add_argument('--format', default='onnx', choices=['onnx', 'torchscript', 'exported', 'openvino'],
+                   help='openvino: OpenVINO IR (.xml + .bin), needs pip install "t2tvit[openvino]"')
+    p.add_argument('-o', '--output', metavar='OUT', help='file to write (default: MODEL.onnx, .pt, .pt2 or .xml)')
     p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
     p.add_argument('--dynamic-batch', action='store_true', help='any batch size at run time (default: batch 1)')
     p.add_argument('--opset', type=int, default=18, help='ONNX opset (17 or newer; default 18)')
     p.add_argument('--no-verify', action='store_true', help='skip running the exported file against PyTorch')
+    p.add_argument('--quantize', choices=['int8'],
+                   help="ONNX with the blocks' and head's weights in int8 (onnxruntime dynamic quantization)")
 
 
 # -- ablate ---------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
   newer, weights inside the file; runs in onnxruntime (``OnnxRuntimeModel``).
 - ``torchscript``: ``torch.jit.script`` (every shape stays dynamic), ``torch.jit.save``.
 - ``exported``: a ``torch.export`` program (``.pt2``), ``torch.export.load(path).module()``.
+- ``openvino``: OpenVINO IR (``.xml`` with its ``.bin`` weights beside it, float32), converted from the
+  PyTorch model by ``openvino.convert_model``; runs in OpenVINO's CPU runtime (``OpenVinoModel``) with
+  float32 inference precision (on CPUs with bf16 units OpenVINO would otherwise pick bf16).
 
 The model is exported in eval mode with float32 weights. ``dynamic_batch`` makes the batch
 dimension symbolic (``torch.export.Dim``); otherwise the file is specialised to batch 1.
@@ -21,7 +24,7 @@ from torch import nn
 
 from .errors import UserError
 
-FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported': '.pt2'}
+FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported': '.pt2', 'openvino': '.xml'}
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
 TOLERANCE = 1e-4
@@ -67,6 +70,12 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, img_size: int | No
     elif fmt == 'torchscript':
         with _torchscript():
             torch.jit.save(torch.jit.script(model), str(out))
+    elif fmt == 'openvino':
+        ov = _openvino()
+        ir = ov.convert_model(model, example_input=x)
+        if not dynamic_batch:
+            ir.reshape([1, *x.shape[1:]])
+        ov.save_model(ir, str(out), compress_to_fp16=False)
     else:
         program = torch.export.export(model, (x,), dynamic_shapes=(_batch_dim(),) if dynamic_batch else None)
         torch.export.save(program, str(out))
@@ -89,10 +98,31 @@ class OnnxRuntimeModel:
         return torch.from_numpy(logits)
 
 
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise UserError('--format openvino needs the openvino package: pip install "t2tvit[openvino]"') from None
+    return openvino
+
+
+class OpenVinoModel:
+    """An OpenVINO IR file compiled for the CPU with float32 precision, called like a model."""
+
+    def __init__(self, path: str | Path):
+        ov = _openvino()
+        self.compiled = ov.Core().compile_model(str(path), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.compiled(x.detach().cpu().numpy())[0].copy())
+
+
 def load_exported(path: str | Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable that runs an exported file: onnxruntime, ``torch.jit.load`` or ``torch.export.load``."""
+    """A callable that runs an exported file: onnxruntime, ``torch.jit.load``, ``torch.export.load`` or OpenVINO."""
     if fmt == 'onnx':
         return OnnxRuntimeModel(path)
+    if fmt == 'openvino':
+        return OpenVinoModel(path)
     if fmt == 'torchscript':
         with _torchscript():
             return torch.jit.load(str(path)).eval()
@@ -106,13 +136,18 @@ def max_abs_diff(model: nn.Module, exported: Callable[[torch.Tensor], torch.Tens
 
 
 def export_cli(model: str | None, checkpoint: str | None, fmt: str, out: str | None,
-               img_size: int | None, dynamic_batch: bool, opset: int = DEFAULT_OPSET, verify: bool = True) -> int:
+               img_size: int | None, dynamic_batch: bool, opset: int = DEFAULT_OPSET, verify: bool = True,
+               quantize: str | None = None) -> int:
     """``t2tvit export``: build, write, and compare the file's logits with PyTorch's."""
     from .factory import UnknownModelError, create_model
     if model is None and checkpoint is None:
         raise UserError('give --model NAME, or --checkpoint PATH of a t2tvit checkpoint')
     if fmt == 'onnx' and opset < MIN_OPSET:
         raise UserError(f'--opset {opset}: ONNX export needs opset {MIN_OPSET} or newer')
+    if quantize not in (None, 'int8'):
+        raise UserError(f'--quantize {quantize!r}: the one quantization is int8')
+    if quantize and fmt != 'onnx':
+        raise UserError(f'--quantize int8 writes ONNX (onnxruntime quantization): use --format onnx, not {fmt}')
     kwargs = {'img_size': img_size} if img_size else {}
     try:
         net = create_model(model, checkpoint_path=checkpoint, **kwargs).eval()
@@ -124,8 +159,21 @@ def export_cli(model: str | None, checkpoint: str | None, fmt: str, out: str | N
     path = Path(out or f'{name}{FORMATS[fmt]}')
     if fmt == 'exported' and path.suffix != '.pt2':
         raise UserError(f'-o {path}: torch.export.load reads programs from files ending in .pt2')
-    export_model(net, fmt, path, img_size=img_size, dynamic_batch=dynamic_batch, opset=opset)
-    print(f'wrote {path} ({fmt}, {path.stat().st_size / 2 ** 20:.1f} MB, '
+    if fmt == 'openvino':
+        _openvino()
+        if path.suffix != '.xml':
+            raise UserError(f'-o {path}: OpenVINO IR is an .xml file (its weights go to the .bin beside it)')
+    if quantize:
+        import tempfile
+
+        from .quantize import quantize_onnx_int8
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_model(net, fmt, Path(tmp) / path.name, img_size=img_size, dynamic_batch=dynamic_batch,
+                                opset=opset)
+            quantize_onnx_int8(fp32, path)
+    else:
+        export_model(net, fmt, path, img_size=img_size, dynamic_batch=dynamic_batch, opset=opset)
+    print(f'wrote {path} ({fmt}{" int8" if quantize else ""}, {path.stat().st_size / 2 ** 20:.1f} MB, '
           f"{'dynamic batch' if dynamic_batch else 'batch 1'}, {net.img_size[0]}x{net.img_size[1]})")
     if not verify:
         return 0
@@ -135,6 +183,14 @@ def export_cli(model: str | None, checkpoint: str | None, fmt: str, out: str | N
         print('not verified: onnxruntime is not installed (pip install onnxruntime)')
         return 0
     x = torch.randn(3 if dynamic_batch else 1, 3, *net.img_size)
+    if quantize:
+        # int8 weights move the logits by more than float32's tolerance: the class is what must hold
+        with torch.no_grad():
+            ref, low = net(x), exported(x)
+        same = int((ref.argmax(-1) == low.argmax(-1)).sum())
+        print(f"int8 vs PyTorch float32 on a random batch of {x.shape[0]}: same top-1 {same}/{x.shape[0]}, "
+              f"max |logits diff| {(ref - low).abs().max().item():.2e}")
+        return 0
     diff = max_abs_diff(net, exported, x)
     ok = diff <= TOLERANCE
     print(f"max |logits - PyTorch's| on a random batch of {x.shape[0]}: {diff:.2e} "

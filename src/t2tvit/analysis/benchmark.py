@@ -19,6 +19,7 @@ steps give the median ms/step and img/s. The other figures:
 ``run_pair`` times two configurations step by step in turn (A, B, A, B, ...) so that
 drift of a shared machine lands on both; ``benchmarks/compare.py`` builds its table on it.
 """
+import dataclasses
 import json
 import os
 import statistics
@@ -34,9 +35,11 @@ from ..errors import UserError
 
 MODES = ('infer', 'train')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# int8: the blocks' and head's Linear layers dynamically quantized (t2tvit.quantize), CPU inference only
+BENCH_DTYPES = (*DTYPES, 'int8')
 DEVICES = ('cpu', 'cuda')
 JSON_KEYS = ('model', 'mode', 'batch', 'img_size', 'dtype', 'attn', 'compile', 'device', 'img_per_s',
-             'ms_per_step', 'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops')
+             'ms_per_step', 'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops', 'cast_weights')
 
 
 @dataclass
@@ -55,6 +58,8 @@ class BenchmarkConfig:
     # training: 'lean' keeps LayerNorm/GELU inputs for backward, not their outputs (layers/lean.py);
     # 'plain' is autograd's own saving; '' picks lean for sdpa and plain for naive, the reference math
     activations: str = ''
+    # bf16/fp16 inference: weights and input cast once (model.to(dtype)) instead of autocast's per-call casts
+    cast_weights: bool = False
 
     @property
     def lean(self) -> bool:
@@ -65,12 +70,18 @@ class BenchmarkConfig:
         from ..layers.attention import ATTN_IMPLS
         if self.model not in list_models():
             raise UserError(f'unknown model {self.model!r}; run `t2tvit models` for the list')
-        for name, value, allowed in (('mode', self.mode, MODES), ('dtype', self.dtype, tuple(DTYPES)),
+        for name, value, allowed in (('mode', self.mode, MODES), ('dtype', self.dtype, BENCH_DTYPES),
                                      ('attn', self.attn, ATTN_IMPLS), ('device', self.device, DEVICES)):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
         if self.activations not in ('', 'lean', 'plain'):
             raise UserError(f'--activations {self.activations!r} is not one of lean, plain')
+        if self.dtype == 'int8' and (self.mode != 'infer' or self.device != 'cpu' or self.compile):
+            raise UserError(
+                '--dtype int8 is CPU inference without --compile: drop --mode train, --device cuda, --compile')
+        if self.cast_weights and (self.dtype not in ('bf16', 'fp16') or self.mode != 'infer'):
+            raise UserError(
+                '--cast-weights casts the weights for bf16/fp16 inference: add --dtype bf16 (no --mode train)')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
             raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
         if self.device == 'cuda' and not torch.cuda.is_available():
@@ -124,6 +135,7 @@ class BenchmarkResult:
             'img_per_s': round(self.img_per_s, 3), 'ms_per_step': round(self.ms_per_step, 3),
             'peak_mem_mb': None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
             'gflops_per_s': round(self.gflops_per_s, 2), 'matmul_peak_gflops': round(self.matmul_peak_gflops, 2),
+            'cast_weights': c.cast_weights,
         }
 
 
@@ -134,7 +146,13 @@ def default_img_size(model: str) -> int:
 
 
 def _autocast(cfg: BenchmarkConfig):
-    return torch.autocast(cfg.device, dtype=DTYPES[cfg.dtype], enabled=cfg.dtype != 'fp32')
+    enabled = cfg.dtype in ('bf16', 'fp16') and not cfg.cast_weights
+    return torch.autocast(cfg.device, dtype=DTYPES.get(cfg.dtype, torch.float32), enabled=enabled)
+
+
+def matmul_dtype(cfg: BenchmarkConfig) -> str:
+    """The dtype whose matmul rate a step is compared with (int8 steps: float32's)."""
+    return cfg.dtype if cfg.dtype in DTYPES else 'fp32'
 
 
 def _sync(device: torch.device):
@@ -143,20 +161,30 @@ def _sync(device: torch.device):
 
 
 class StepRunner:
-    """One model, one random batch and one step function, ready to be timed."""
+    """One model, one random batch and one step function, ready to be timed.
 
-    def __init__(self, cfg: BenchmarkConfig, seed: int = 0):
+    ``model``: another network (a timm model of ``--compare``) run with ``cfg``'s batch, dtype and mode.
+    """
+
+    def __init__(self, cfg: BenchmarkConfig, seed: int = 0, model: torch.nn.Module | None = None):
         from ..factory import create_model
-        self.cfg = cfg.validate()
+        self.cfg = cfg.validate() if model is None else cfg
         self.img_size = cfg.img_size or default_img_size(cfg.model)
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
-        model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
-        model.set_lean_activations(cfg.lean)
+        if model is None:
+            model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
+            model.set_lean_activations(cfg.lean)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model.to(self.device).train(cfg.mode == 'train')
         self.x = torch.randn(cfg.batch, 3, self.img_size, self.img_size, device=self.device)
+        if cfg.dtype == 'int8':
+            from ..quantize import quantize_int8
+            self.model = model = quantize_int8(model)
+        elif cfg.cast_weights:
+            self.model = model = model.to(DTYPES[cfg.dtype])
+            self.x = self.x.to(DTYPES[cfg.dtype])
         if cfg.mode == 'train':
             self.y = torch.randint(0, model.num_classes, (cfg.batch,), device=self.device)
             self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -307,7 +335,7 @@ def _alternate(runners: list, steps: int) -> tuple[list[list[float]], list[list[
             times[i].append(runner.timed_step())
         rates: dict[tuple[str, str], float] = {}
         for i, runner in enumerate(runners):
-            key = (runner.cfg.dtype, runner.cfg.device)
+            key = (matmul_dtype(runner.cfg), runner.cfg.device)
             if key not in rates:
                 rates[key] = matmul_peak_gflops(*key, budget_s=0.3)
             matmul[i].append(rates[key])
@@ -347,17 +375,18 @@ def speedup(a: BenchmarkResult, b: BenchmarkResult) -> float:
 
 
 class OnnxRuntimeRunner:
-    """The same inference step through onnxruntime's CPU session, on a copy of ``runner``'s model and batch."""
+    """The same inference step through an exported file (onnxruntime's CPU session, or OpenVINO's CPU
+    runtime with ``fmt='openvino'``), on a copy of ``runner``'s model and batch."""
 
-    def __init__(self, runner: StepRunner, workdir: str):
-        from ..export import OnnxRuntimeModel, export_model
+    def __init__(self, runner: StepRunner, workdir: str, fmt: str = 'onnx'):
+        from ..export import FORMATS, export_model, load_exported
         cfg = runner.cfg
         if cfg.mode != 'infer' or cfg.device != 'cpu' or cfg.dtype != 'fp32':
-            raise ValueError('onnxruntime is compared on CPU fp32 inference only')
+            raise ValueError(f'{fmt} is compared on CPU fp32 inference only')
         self.cfg, self.img_size, self.device = cfg, runner.img_size, runner.device
-        path = export_model(runner.model, 'onnx', os.path.join(workdir, f'{cfg.model}.onnx'), img_size=runner.img_size,
-                            dynamic_batch=True)
-        self.session = OnnxRuntimeModel(path)
+        path = export_model(runner.model, fmt, os.path.join(workdir, f'{cfg.model}{FORMATS[fmt]}'),
+                            img_size=runner.img_size, dynamic_batch=True)
+        self.session = load_exported(path, fmt)
         self.x = runner.x
 
     def step(self):
@@ -369,12 +398,13 @@ class OnnxRuntimeRunner:
         return time.perf_counter() - t0
 
 
-def run_onnxruntime_pair(cfg: BenchmarkConfig) -> tuple[BenchmarkResult, BenchmarkResult]:
-    """PyTorch eager and onnxruntime on the same model and batch, timed in turn (CPU, fp32, infer)."""
+def run_onnxruntime_pair(cfg: BenchmarkConfig, fmt: str = 'onnx') -> tuple[BenchmarkResult, BenchmarkResult]:
+    """PyTorch eager and the exported file (onnxruntime, or OpenVINO with ``fmt='openvino'``) on the same
+    model and batch, timed in turn (CPU, fp32, infer)."""
     import tempfile
     runner = StepRunner(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        ort_runner = OnnxRuntimeRunner(runner, tmp)
+        ort_runner = OnnxRuntimeRunner(runner, tmp, fmt)
         first_t, first_o = _warm(runner), _warm(ort_runner)
         (tt, to), (mt, mo) = _alternate([runner, ort_runner], cfg.steps)
     flops = forward_flops(cfg.model, runner.img_size)
@@ -383,33 +413,143 @@ def run_onnxruntime_pair(cfg: BenchmarkConfig) -> tuple[BenchmarkResult, Benchma
 
 @torch.no_grad()
 def top1_agreement(model: torch.nn.Module, images: torch.Tensor, dtype: str = 'bf16', batch: int = 32,
-                   device: str = 'cpu') -> tuple[float, float]:
-    """Fraction of ``images`` whose top-1 class under ``dtype`` autocast equals the float32 one, and
-    the fraction whose low-precision top-1 is among the float32 top-5."""
+                   device: str = 'cpu', cast_weights: bool = False) -> tuple[float, float]:
+    """Fraction of ``images`` whose top-1 class under ``dtype`` autocast (``cast_weights``: with the weights
+    cast once; ``int8``: quantized) equals the float32 one, and the fraction whose low-precision top-1 is
+    among the float32 top-5."""
+    import copy
     model = model.eval().to(device)
+    if dtype == 'int8':
+        from ..quantize import quantize_int8
+        low_model, low_dtype, autocast = quantize_int8(model), torch.float32, False
+    elif cast_weights:
+        low_model, low_dtype, autocast = copy.deepcopy(model).to(DTYPES[dtype]), DTYPES[dtype], False
+    else:
+        low_model, low_dtype, autocast = model, torch.float32, True
     agree = in_top5 = 0
     for chunk in images.split(batch):
         chunk = chunk.to(device)
         ref = model(chunk).float()
-        with torch.autocast(device, dtype=DTYPES[dtype]):
-            low = model(chunk).float()
+        with torch.autocast(device, dtype=DTYPES.get(dtype, torch.float32), enabled=autocast):
+            low = low_model(chunk.to(low_dtype)).float()
         top1 = low.argmax(dim=-1)
         agree += int((top1 == ref.argmax(dim=-1)).sum())
         in_top5 += int((ref.topk(5, dim=-1).indices == top1[:, None]).any(dim=-1).sum())
     return agree / len(images), in_top5 / len(images)
 
 
+# Published ImageNet top-1 (%, 224 px) of timm models users compare against; timm's pretrained configs
+# carry no accuracy. vit_small_patch16_224 is DeiT-S (Touvron et al., ICML 2021, Table 1: 79.9);
+# resnet50 as in the T2T-ViT paper's Table 3 (torchvision's weights: 76.1); the rest from the same papers.
+KNOWN_TOP1 = {
+    'vit_small_patch16_224': 79.9,
+    'deit_small_patch16_224': 79.9,
+    'deit_tiny_patch16_224': 72.2,
+    'deit_base_patch16_224': 81.8,
+    'resnet50': 76.1,
+    'resnet101': 77.4,
+    'resnet152': 78.3,
+}
+
+
+def _timm_model(name: str, img_size: int) -> torch.nn.Module:
+    import timm
+    if not timm.is_model(name):
+        raise UserError(f'--compare {name}: timm has no model of that name (see timm.list_models())')
+    try:  # transformers fix their position table to one size; convolutional networks take any
+        return timm.create_model(name, pretrained=False, img_size=img_size)
+    except TypeError:
+        return timm.create_model(name, pretrained=False)
+
+
+def run_compare(cfg: BenchmarkConfig, others: list[str]) -> list[tuple[str, float | None, BenchmarkResult]]:
+    """``cfg``'s model and the timm models ``others`` (random weights) timed in turn step by step.
+
+    Rows: (name, published top-1 or None, result); the results' FLOPs are ours for our model and
+    0 for the others (their MACs are not counted here).
+    """
+    from ..models.t2t_vit import PAPER_RESULTS
+    runners = [StepRunner(cfg)]
+    for name in others:
+        model = _timm_model(name, runners[0].img_size)
+        runners.append(StepRunner(dataclasses.replace(cfg, model=name, img_size=runners[0].img_size), model=model))
+    firsts = [_warm(r) for r in runners]
+    times, matmul = _alternate(runners, cfg.steps)
+    rows = []
+    for i, runner in enumerate(runners):
+        flops = None if i == 0 else 0.0
+        top1 = PAPER_RESULTS.get(cfg.model, (None,))[0] if i == 0 else KNOWN_TOP1.get(runner.cfg.model)
+        rows.append((runner.cfg.model, top1, _result(runner, times[i], firsts[i], matmul[i], flops)))
+    return rows
+
+
+def format_compare(rows: list[tuple[str, float | None, BenchmarkResult]]) -> str:
+    base = rows[0][2]
+    c = base.config
+    lines = [f'{c.mode} batch {c.batch} {base.img_size}px {c.dtype} on {c.device}, alternating step by step',
+             f"{'model':<28} {'img/s':>8} {'ms/step':>9} {'vs ' + rows[0][0]:>22} {'top-1 (published)':>18}"]
+    for name, top1, r in rows:
+        lines.append(f"{name:<28} {r.img_per_s:>8.2f} {r.ms_per_step:>9.1f} {speedup(r, base):>21.2f}x "
+                     f"{'-' if top1 is None else f'{top1:.1f}':>18}")
+    return '\n'.join(lines)
+
+
+STAGES = ('stem', 'blocks', 'head')
+
+
+def stage_times(runner: StepRunner) -> dict[str, float]:
+    """Seconds of one forward pass in each stage: the T2T stem with class token and positions, the
+    Transformer blocks, the final norm and the head (inference, the step's dtype)."""
+    model, cfg, x = runner.model, runner.cfg, runner.x
+    out: dict[str, float] = {}
+    with torch.inference_mode(), _autocast(cfg):
+        _sync(runner.device)
+        t0 = time.perf_counter()
+        tokens = model._tokens(x)[0]
+        _sync(runner.device)
+        t1 = time.perf_counter()
+        for blk in model.blocks:
+            tokens = blk(tokens)
+        _sync(runner.device)
+        t2 = time.perf_counter()
+        model.forward_head(model.norm(tokens))
+        _sync(runner.device)
+        t3 = time.perf_counter()
+    out.update(stem=t1 - t0, blocks=t2 - t1, head=t3 - t2)
+    return out
+
+
+def run_breakdown(cfg: BenchmarkConfig) -> dict[str, float]:
+    """Median seconds of each stage over ``cfg.steps`` forward passes after the warm-up."""
+    runner = StepRunner(dataclasses.replace(cfg, mode='infer'))
+    for _ in range(max(1, cfg.warmup)):
+        stage_times(runner)
+    samples = [stage_times(runner) for _ in range(cfg.steps)]
+    return {stage: statistics.median(s[stage] for s in samples) for stage in STAGES}
+
+
+def format_breakdown(cfg: BenchmarkConfig, times: dict[str, float]) -> str:
+    total = sum(times.values())
+    lines = [f'{cfg.model} forward, batch {cfg.batch}, {cfg.dtype}, attn={cfg.attn}: {total * 1e3:.1f} ms, '
+             f'{cfg.batch / total:.2f} img/s (median of {cfg.steps} per stage)']
+    names = {'stem': 'T2T stem (soft splits, T2T layers, positions)', 'blocks': 'Transformer blocks',
+             'head': 'final norm and head'}
+    for stage in STAGES:
+        lines.append(f'  {names[stage]:<46} {times[stage] * 1e3:9.1f} ms  {times[stage] / total:6.1%}')
+    return '\n'.join(lines)
+
+
 def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
-    options = (' compiled' if c.compile else '') + (
+    options = (' compiled' if c.compile else '') + (' weights cast once' if c.cast_weights else '') + (
         ' grad-checkpointing' if c.grad_checkpointing else '') + (
         f" activations={'lean' if c.lean else 'plain'}" if c.mode == 'train' else '')
     fraction = r.peak_fraction
     lines = [
         f'{c.model} {c.mode} batch {c.batch} {r.img_size}px {c.dtype} attn={c.attn}{options} on {c.device}',
         f'  {r.img_per_s:.2f} img/s  {r.ms_per_step:.1f} ms/step (median of {len(r.step_ms)})  peak memory {mem}',
-        (f'  {r.gflops_per_s:.1f} GFLOP/s, {fraction:.0%} of the {c.dtype} matmul rate measured between steps '
+        (f'  {r.gflops_per_s:.1f} GFLOP/s, {fraction:.0%} of the {matmul_dtype(c)} matmul rate measured between steps '
         f'(peak {r.matmul_peak_gflops:.1f} GFLOP/s)'),
     ]
     if c.compile:

@@ -133,8 +133,13 @@ class TokenAttention(nn.Module):
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        q, k, v = self.qkv_heads(x)
+        return self.attend(self.qkv(x))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from the ``qkv`` projection (B, N, 3 * in_dim) of the normalised tokens."""
+        B, N, _ = qkv.shape
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.in_dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         y = scaled_attention(q, k, v, self.scale, self.attn_drop if self.training else 0.0, self.attn_impl,
                              scale_q=True)
         y = self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, N, self.in_dim)))

@@ -105,9 +105,24 @@ class TokenPerformer(nn.Module):
         return _random_features(x.float(), self.w.float())
 
     def linear_attention(self, x: torch.Tensor) -> torch.Tensor:
-        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
+        return self.attend(self.kqv(x))
+
+    def attend(self, kqv: torch.Tensor) -> torch.Tensor:
+        """The layer's attention from its ``kqv`` projection (B, T, 3 * emb)."""
+        k, q, v = torch.split(kqv, self.emb, dim=-1)
         y = performer_attention(q, k, v, self.w, self.epsilon, self.attn_impl == 'naive')
         return v + self.dp(self.proj(y.to(v.dtype)))
+
+    @torch.jit.unused
+    def forward_projected(self, kqv: torch.Tensor) -> torch.Tensor:
+        """``forward`` from ``kqv(norm1(x))``, which the T2T module's fused soft split computes."""
+        if lean_saving_applies(self):
+            with LeanSaving() as lean:
+                x = self.attend(kqv)
+                fc1, act, fc2, drop = self.mlp
+                return x + lean.mlp(fc1, act, lambda g: drop(fc2(g)), lean.norm(self.norm2, x))
+        x = self.attend(kqv)
+        return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

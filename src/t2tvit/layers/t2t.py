@@ -9,10 +9,12 @@ strides (1, 2, 2) gives an 8x8 token grid.
 Keys match the reference ``T2T_module``: ``soft_split{0,1,2}``, ``attention{1,2}``,
 ``project``.
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.fx
+import torch.nn.functional as F
 
 from .attention import TokenAttention
 from .checkpointing import checkpoint_block
@@ -82,6 +84,78 @@ class TokenTransformer(nn.Module):
             x = self.attn(lean.norm(self.norm1, x))
             return x + timm_mlp(lean, self.mlp, lean.norm(self.norm2, x))
 
+    @torch.jit.unused
+    def forward_projected(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``forward`` from ``attn.qkv(norm1(x))``, which the T2T module's fused soft split computes."""
+        if lean_saving_applies(self):
+            with LeanSaving() as lean:
+                x = self.attn.attend(qkv)
+                return x + timm_mlp(lean, self.mlp, lean.norm(self.norm2, x))
+        x = self.attn.attend(qkv)
+        return x + self.mlp(self.norm2(x))
+
+
+def split_norm_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                       weight: torch.Tensor, bias: Optional[torch.Tensor], kernel_size: int, stride: int,
+                       padding: int) -> torch.Tensor:
+    """``linear(norm(unfold(x).transpose(1, 2)))`` as one strided convolution, in float32.
+
+    (B, C, H, W) -> (B, H' * W', out) tokens. LayerNorm over a patch is (p - mean) * rstd * g + b, so
+    its projection is rstd * (conv(x, W g) - mean * sum(W g)) + W b + c; each patch's mean and mean
+    square over its C * k * k values (the padding's zeros included, as in the unfold) come from a
+    box filter of the channel means. No (B, H' * W', C * k * k) patch matrix is formed. Float32 even
+    under autocast: the difference cancels where a patch is nearly flat, and the two convolutions
+    of the stem are a few percent of the model's MACs.
+    """
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _split_norm_project(x, norm_weight, norm_bias, eps, weight, bias, kernel_size, stride, padding)
+    # no context manager without autocast, so exported graphs (ONNX, torch.export) stay plain
+    return _split_norm_project(x, norm_weight, norm_bias, eps, weight, bias, kernel_size, stride, padding)
+
+
+def _split_norm_project(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: Optional[torch.Tensor], kernel_size: int, stride: int,
+                        padding: int) -> torch.Tensor:
+    x, weight = x.float(), weight.float()
+    B, C, out = x.shape[0], x.shape[1], weight.shape[0]
+    folded = (weight * norm_weight.float()).reshape(out, C, kernel_size, kernel_size)
+    shift = torch.matmul(weight, norm_bias.float())
+    if bias is not None:
+        shift = shift + bias.float()
+    if C <= 4:
+        # an image: LayerNorm ignores a shift shared by a patch's values, and the image's own mean taken off
+        # (after the zero padding, which is part of the patches) keeps flat regions from cancelling in the sum
+        x = F.pad(x, (padding,) * 4)
+        x = x - x.mean(dim=(1, 2, 3), keepdim=True)
+        padding = 0
+    # channels-last: the convolution's output is already (B, H', W', out) in memory, the token layout
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(x, folded, None, stride, padding).permute(0, 2, 3, 1)
+    moments = F.avg_pool2d(torch.stack((x.mean(dim=1), (x * x).mean(dim=1)), dim=1), kernel_size, stride, padding,
+                           count_include_pad=True).permute(0, 2, 3, 1)
+    mean, mean_sq = moments[..., :1], moments[..., 1:]
+    rstd = torch.rsqrt((mean_sq - mean * mean).clamp_min(0) + eps)
+    y = (y - mean * folded.sum(dim=(1, 2, 3))) * rstd + shift
+    return y.reshape(B, y.shape[1] * y.shape[2], out)
+
+
+# fx keeps the call as one node, so autocast is switched off when the traced graph runs
+torch.fx.wrap('split_norm_project')
+
+
+def split_project(x: torch.Tensor, linear: nn.Linear, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
+    """``linear(unfold(x).transpose(1, 2))`` as one strided convolution: (B, C, H, W) -> (B, H' * W', out)."""
+    B, C = x.shape[0], x.shape[1]
+    weight = linear.weight.reshape(linear.weight.shape[0], C, kernel_size, kernel_size)
+    y = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, linear.bias, stride, padding)
+    return y.permute(0, 2, 3, 1).reshape(B, y.shape[2] * y.shape[3], weight.shape[0])
+
+
+def _restructurize(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h * w, C) tokens -> (B, C, h, w) image, a channels-last view of the same memory."""
+    return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
+
 
 class T2TModule(nn.Module):
     """Image (B, C, H, W) -> tokens (B, H/16 * W/16, embed_dim) for the default geometry."""
@@ -142,13 +216,51 @@ class T2TModule(nn.Module):
             self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
         self.act = nn.GELU()  # between the convolutions of T2T-ViT-c; unused otherwise
         self.grad_checkpointing = False
+        # inference: soft split + LayerNorm + projection as strided convolutions (split_norm_project); the
+        # naive path and training keep the reference's unfold and patch matrices
+        self.fused_split = not self.is_conv and attn_impl != 'naive'
 
     def _split_grid(self, h: int, w: int, i: int) -> Tuple[int, int]:
         k, s, p = self.kernel_sizes[i], self.strides[i], self.paddings[i]
         return (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
 
+    @torch.jit.unused
+    def _input_projection(self, layer: nn.Module) -> List[nn.Module]:
+        """The LayerNorm and the Linear layer that read a T2T layer's input."""
+        return [layer.norm1, layer.kqv if isinstance(layer, TokenPerformer) else layer.attn.qkv]
+
+    @torch.jit.unused
+    def _fused_applies(self) -> bool:
+        # training keeps the unfold path: the folded form's weight gradients subtract two large sums
+        # (conv(x, dy) and mean * sum(dy)), a float32 cancellation the patch matrices do not have
+        if not self.fused_split or (self.training and torch.is_grad_enabled()):
+            return False
+        # a hook on a module the fused path does not call would silently not fire: such a caller gets the reference path
+        modules = [self.soft_split0, self.soft_split1, self.soft_split2, self.attention1, self.attention2, self.project]
+        modules += self._input_projection(self.attention1) + self._input_projection(self.attention2)
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+    @torch.jit.unused
+    def forward_fused(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``forward_stages`` with every soft split a strided convolution (see ``split_norm_project``)."""
+        (k0, k1, k2), (s0, s1, s2), (p0, p1, p2) = self.kernel_sizes, self.strides, self.paddings
+        g1 = self._split_grid(x.shape[2], x.shape[3], 0)
+        g2 = self._split_grid(g1[0], g1[1], 1)
+        # float32 out; weights cast once to a low precision (model.to(torch.bfloat16)) take it back to theirs
+        norm, linear = self._input_projection(self.attention1)
+        x = split_norm_project(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias, k0, s0, p0)
+        stage1 = _restructurize(self.attention1.forward_projected(x.to(linear.weight.dtype)), *g1)
+        norm, linear = self._input_projection(self.attention2)
+        x = split_norm_project(stage1, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias, k1, s1, p1)
+        x = x.to(linear.weight.dtype)
+        stage2 = _restructurize(self.attention2.forward_projected(x), *g2)
+        return split_project(stage2, self.project, k2, s2, p2), [stage1, stage2]
+
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Tokens and the two restructurized stage outputs (B, token_dim, H_i, W_i)."""
+        if not torch.jit.is_scripting():
+            if self._fused_applies():
+                return self.forward_fused(x)
         B, _, H, W = x.shape
         stages: List[torch.Tensor] = []
         if self.is_conv:

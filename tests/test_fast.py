@@ -1,0 +1,182 @@
+"""Fast inference paths keep the reference numbers: the T2T stem's soft splits as strided convolutions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t2tvit
+from conftest import fixture_model
+
+
+def digits(count: int, size: int) -> torch.Tensor:
+    """scikit-learn's handwritten digits as ImageNet-normalised RGB images: flat black backgrounds."""
+    from sklearn.datasets import load_digits
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    images = torch.from_numpy(load_digits().images[:count]).float()[:, None] / 16.0
+    images = F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[None, :, None, None]
+    std = torch.tensor(IMAGENET_DEFAULT_STD)[None, :, None, None]
+    return (images - mean) / std
+
+
+def naive_twin(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The same weights on the reference path (unfold, LayerNorm and Linear over patch matrices)."""
+    twin = t2tvit.create_model(name, img_size=model.img_size[0], attn_impl='naive').eval()
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_14', 't2t_vit_t_14'])
+def test_fused_stem_gives_the_reference_logits_on_real_images(name, fixtures_dir, official_ckpt):
+    model = fixture_model(name, fixtures_dir, official_ckpt)
+    assert model.tokens_to_token.fused_split
+    x = torch.cat([digits(4, 224), torch.randn(2, 3, 224, 224)])
+    with torch.no_grad():
+        fast_tokens, fast_stages = model.tokens_to_token.forward_stages(x)
+        ref_tokens, ref_stages = naive_twin(model, name).tokens_to_token.forward_stages(x)
+        torch.testing.assert_close(model(x), naive_twin(model, name)(x), atol=1e-4, rtol=0)
+    # the stem's own outputs (before 14 blocks and a LayerNorm) carry float32 rounding of a different sum order
+    torch.testing.assert_close(fast_tokens, ref_tokens, atol=5e-4, rtol=0)
+    for fast, ref in zip(fast_stages, ref_stages):
+        assert fast.shape == ref.shape
+        torch.testing.assert_close(fast, ref, atol=5e-4, rtol=0)
+
+
+def test_training_keeps_the_unfold_stem():
+    # the folded projection's weight gradients would lose digits to cancellation: training steps unfold
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_lite_32')
+    t2t = model.tokens_to_token
+    assert t2t._fused_applies() is False  # train mode, grad enabled
+    with torch.no_grad():
+        assert t2t._fused_applies() is True
+    model.eval()
+    assert t2t._fused_applies() is True
+
+
+def test_a_hook_on_a_stem_layer_still_fires():
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_lite_32').eval()
+    seen = []
+    model.tokens_to_token.attention1.norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hooked = model(x)
+    assert seen == [torch.Size([2, 1024, 27])]
+    model.tokens_to_token.attention1.norm1._forward_hooks.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hooked, atol=1e-5, rtol=0)
+
+
+# -- low precision: weights cast once, int8 ---------------------------------------------------------
+@pytest.mark.parametrize('dtype,cast', [('bf16', True), ('int8', False)])
+def test_low_precision_keeps_the_top1_of_float32_on_digits(dtype, cast, fixtures_dir, official_ckpt):
+    from t2tvit.analysis.benchmark import top1_agreement
+    model = fixture_model('t2t_vit_14', fixtures_dir, official_ckpt)
+    with torch.inference_mode():
+        same, in_top5 = top1_agreement(model, digits(100, 224), dtype=dtype, cast_weights=cast)
+    assert same >= 0.99 and in_top5 == 1.0
+
+
+@pytest.mark.parametrize('name', ['t2t_vit_7', 't2t_vit_t_14'])
+def test_low_precision_keeps_the_reference_top1_on_the_fixtures(name, fixtures_dir, official_ckpt):
+    import copy
+
+    from conftest import load_json
+    from t2tvit.quantize import quantize_int8
+    model = fixture_model(name, fixtures_dir, official_ckpt)
+    expected = load_json(fixtures_dir / f'{name}.expected.json')
+    x = torch.from_numpy(official_ckpt.make_inputs(expected['input']['batch'], expected['input']['size']))
+    reference = [top5[0] for top5 in expected['top5']]
+    with torch.inference_mode():
+        cast = copy.deepcopy(model).to(torch.bfloat16)(x.bfloat16())
+        assert cast.dtype == torch.bfloat16 and cast.argmax(-1).tolist() == reference
+        assert quantize_int8(model)(x).argmax(-1).tolist() == reference
+
+
+def test_int8_onnx_export_keeps_the_reference_top1(tmp_path, fixtures_dir, official_ckpt, capsys):
+    from conftest import load_json
+    from t2tvit.cli import main
+    from t2tvit.export import OnnxRuntimeModel, export_model
+    from t2tvit.quantize import quantize_onnx_int8
+    model = fixture_model('t2t_vit_7', fixtures_dir, official_ckpt)
+    expected = load_json(fixtures_dir / 't2t_vit_7.expected.json')
+    x = torch.from_numpy(official_ckpt.make_inputs(expected['input']['batch'], expected['input']['size']))
+    fp32 = export_model(model, 'onnx', tmp_path / 'fp32.onnx', dynamic_batch=True)
+    int8 = quantize_onnx_int8(fp32, tmp_path / 'int8.onnx')
+    assert int8.stat().st_size < 0.5 * fp32.stat().st_size  # the blocks' weights are int8
+    assert OnnxRuntimeModel(int8)(x).argmax(-1).tolist() == [top5[0] for top5 in expected['top5']]
+    # the command line writes and checks a quantized file
+    out = tmp_path / 'lite.onnx'
+    assert main(['export', '--model', 't2t_vit_lite_32', '--quantize', 'int8', '-o', str(out)]) == 0
+    assert out.is_file() and 'same top-1 1/1' in capsys.readouterr().out
+    assert main(['export', '--model', 't2t_vit_lite_32', '--quantize', 'int8', '--format', 'torchscript']) == 2
+
+
+@pytest.mark.parametrize('flags', [['--dtype', 'int8'], ['--dtype', 'bf16', '--cast-weights']])
+def test_benchmark_runs_low_precision(flags, capsys):
+    import json
+
+    from t2tvit.cli import main
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '-b', '2', '--steps', '1', '--warmup', '1',
+                 '--no-memory', '--json', *flags]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row['dtype'] == flags[1] and row['img_per_s'] > 0 and row['cast_weights'] == ('--cast-weights' in flags)
+
+
+@pytest.mark.parametrize('flags', [['--dtype', 'int8', '--mode', 'train'], ['--cast-weights'],
+                                   ['--dtype', 'bf16', '--cast-weights', '--mode', 'train']])
+def test_benchmark_low_precision_mistakes_are_user_errors(flags, capsys):
+    from t2tvit.cli import main
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '--no-memory', *flags]) == 2
+    assert 'error:' in capsys.readouterr().err
+
+
+# -- where the time goes, and beside other models -----------------------------------------------------
+def test_benchmark_breakdown_prints_each_stage_share(capsys):
+    from t2tvit.cli import main
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '-b', '2', '--steps', '2', '--breakdown']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith('t2t_vit_lite_32 forward, batch 2')
+    shares = [float(line.split()[-1].rstrip('%')) for line in lines[1:]]
+    assert len(shares) == 3 and all(s >= 0 for s in shares) and abs(sum(shares) - 100) < 0.5
+    assert 'T2T stem' in lines[1] and 'blocks' in lines[2] and 'head' in lines[3]
+
+
+def test_benchmark_compare_times_timm_models_beside_ours(capsys):
+    from t2tvit.cli import main
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '-b', '2', '--steps', '2',
+                 '--compare', 'resnet18']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(rows) == {'t2t_vit_lite_32', 'resnet18'}
+    assert rows['t2t_vit_lite_32'][3] == '1.00x' and float(rows['resnet18'][1]) > 0
+    assert rows['resnet18'][-1] == '-'  # no published top-1 on record for it
+    assert main(['benchmark', '--model', 't2t_vit_lite_32', '--compare', 'no_such_model']) == 2
+
+
+
+# -- OpenVINO ----------------------------------------------------------------------------------------
+def _openvino_matches(model: torch.nn.Module, tmp_path, dynamic_batch: bool = True) -> float:
+    from t2tvit.export import OpenVinoModel, export_model
+    path = export_model(model, 'openvino', tmp_path / 'model.xml', dynamic_batch=dynamic_batch)
+    assert path.is_file() and path.with_suffix('.bin').is_file()
+    x = torch.randn(3 if dynamic_batch else 1, 3, *model.img_size)
+    with torch.no_grad():
+        return (OpenVinoModel(path)(x) - model(x)).abs().max().item()
+
+
+def test_openvino_export_matches_pytorch(tmp_path, fixtures_dir, official_ckpt, capsys):
+    pytest.importorskip('openvino', reason='openvino is not installed (pip install "t2tvit[openvino]")')
+    from t2tvit.cli import main
+    assert _openvino_matches(fixture_model('t2t_vit_7', fixtures_dir, official_ckpt), tmp_path) <= 1e-4
+    out = tmp_path / 'lite.xml'
+    assert main(['export', '--model', 't2t_vit_lite_32', '--format', 'openvino', '-o', str(out)]) == 0
+    assert out.is_file() and '(within 0.0001)' in capsys.readouterr().out
+    assert main(['export', '--model', 't2t_vit_lite_32', '--format', 'openvino', '-o', str(tmp_path / 'a.onnx')]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(t2tvit.models.PAPER_RESULTS))
+def test_openvino_export_matches_pytorch_every_paper_model(name, tmp_path, fixtures_dir, official_ckpt):
+    pytest.importorskip('openvino', reason='openvino is not installed (pip install "t2tvit[openvino]")')
+    assert _openvino_matches(fixture_model(name, fixtures_dir, official_ckpt), tmp_path) <= 1e-4
