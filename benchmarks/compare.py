@@ -244,12 +244,12 @@ def _vs_timm(name: str, cfg: BenchmarkConfig, other: str, label: str, target: fl
 
 def fast_stem(opts: Options) -> list[Row]:
     # the fused soft splits against the reference path (unfold, LayerNorm and Linear over patch matrices)
-    a = _base(opts, 't2t_vit_14', 'infer', 32)
-    rows = _pair_rows('fused stem vs reference path', a, replace(a, attn='naive'), 'fused', 'naive', 1.25, None,
-                      memory=False)[0]
+    a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True)
+    naive = replace(a, attn='naive', fused_stem=False)
+    rows = _pair_rows('fused stem vs reference path', a, naive, 'fused', 'naive', 1.25, None, memory=False)[0]
     low = replace(a, dtype='bf16', cast_weights=True)
     rows += _pair_rows('bf16 weights cast once vs the reference path under bf16 autocast', low,
-                       replace(a, dtype='bf16', attn='naive'), 'bf16 cast', 'naive bf16', 1.5, None, memory=False)[0]
+                       replace(naive, dtype='bf16'), 'bf16 cast', 'naive bf16', 1.5, None, memory=False)[0]
     rows += _vs_timm('bf16 vs DeiT-S', low, 'vit_small_patch16_224', 'DeiT-S', 0.85)
     rows += _vs_timm('fp32 vs DeiT-S', a, 'vit_small_patch16_224', 'DeiT-S', None)
     t = _base(opts, 't2t_vit_14', 'train', 16, dtype='bf16')

@@ -28,6 +28,8 @@ def naive_twin(model: torch.nn.Module, name: str) -> torch.nn.Module:
 @pytest.mark.parametrize('name', ['t2t_vit_14', 't2t_vit_t_14'])
 def test_fused_stem_gives_the_reference_logits_on_real_images(name, fixtures_dir, official_ckpt):
     model = fixture_model(name, fixtures_dir, official_ckpt)
+    assert not model.tokens_to_token.fused_split  # opt-in
+    model.set_fused_stem(True)
     assert model.tokens_to_token.fused_split
     x = torch.cat([digits(4, 224), torch.randn(2, 3, 224, 224)])
     with torch.no_grad():
@@ -45,6 +47,7 @@ def test_training_keeps_the_unfold_stem():
     # the folded projection's weight gradients would lose digits to cancellation: training steps unfold
     torch.manual_seed(0)
     model = t2tvit.create_model('t2t_vit_lite_32')
+    model.set_fused_stem(True)
     t2t = model.tokens_to_token
     assert t2t._fused_applies() is False  # train mode, grad enabled
     with torch.no_grad():
@@ -56,6 +59,7 @@ def test_training_keeps_the_unfold_stem():
 def test_a_hook_on_a_stem_layer_still_fires():
     torch.manual_seed(0)
     model = t2tvit.create_model('t2t_vit_lite_32').eval()
+    model.set_fused_stem(True)
     seen = []
     model.tokens_to_token.attention1.norm1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     x = torch.randn(2, 3, 32, 32)
@@ -65,6 +69,23 @@ def test_a_hook_on_a_stem_layer_still_fires():
     model.tokens_to_token.attention1.norm1._forward_hooks.clear()
     with torch.no_grad():
         torch.testing.assert_close(model(x), hooked, atol=1e-5, rtol=0)
+
+
+def test_the_default_stem_keeps_parity_where_the_fused_one_cancels(fixtures_dir, official_ckpt):
+    # a letterbox of the mean colour is 0 in every channel after normalisation: flat patches beside a real
+    # image, where the fused stem's two float32 sums cancel; the default (unfold) path stays the reference's
+    model = fixture_model('t2t_vit_7', fixtures_dir, official_ckpt)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x[..., :64, :] = 0.0
+    with torch.no_grad():
+        default = model(x)
+        reference = naive_twin(model, 't2t_vit_7')(x)
+        model.set_fused_stem(True)
+        fused = model(x)
+        model.set_fused_stem(False)
+    torch.testing.assert_close(default, reference, atol=1e-4, rtol=0)
+    assert (fused - reference).abs().max() < 1e-2 and fused.argmax() == reference.argmax()
+    assert naive_twin(model, 't2t_vit_7').tokens_to_token.fusable is False  # naive never fuses
 
 
 # -- low precision: weights cast once, int8 ---------------------------------------------------------

@@ -528,7 +528,8 @@ def _run_benchmark(args) -> int:
     cfg = BenchmarkConfig(model=args.model, mode=args.mode, batch=args.batch_size, img_size=args.img_size,
                           dtype=args.dtype, attn=args.attn, compile=args.compile, device=args.device,
                           steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
-                          activations=args.activations or '', cast_weights=args.cast_weights)
+                          activations=args.activations or '', cast_weights=args.cast_weights,
+                          fused_stem=args.fused_stem)
     try:
         if args.breakdown:
             from .analysis.benchmark import format_breakdown, run_breakdown
@@ -558,6 +559,9 @@ def _add_benchmark(sub):
                         'quantized (CPU inference)')
     p.add_argument('--cast-weights', action='store_true',
                    help='bf16/fp16 inference with the weights cast once (model.to(dtype)), not autocast')
+    p.add_argument('--fused-stem', action='store_true',
+                   help='inference with each soft split + LayerNorm + projection as one strided convolution '
+                        '(model.set_fused_stem)')
     p.add_argument('--attn', default='sdpa', choices=['sdpa', 'naive'],
                    help='naive: the reference explicit softmax(q k^T) v')
     p.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True); prints the compile time')

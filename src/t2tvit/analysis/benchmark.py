@@ -60,6 +60,8 @@ class BenchmarkConfig:
     activations: str = ''
     # bf16/fp16 inference: weights and input cast once (model.to(dtype)) instead of autocast's per-call casts
     cast_weights: bool = False
+    # inference with the soft splits as strided convolutions (T2TViT.set_fused_stem)
+    fused_stem: bool = False
 
     @property
     def lean(self) -> bool:
@@ -82,6 +84,8 @@ class BenchmarkConfig:
         if self.cast_weights and (self.dtype not in ('bf16', 'fp16') or self.mode != 'infer'):
             raise UserError(
                 '--cast-weights casts the weights for bf16/fp16 inference: add --dtype bf16 (no --mode train)')
+        if self.fused_stem and (self.mode != 'infer' or self.attn != 'sdpa'):
+            raise UserError('--fused-stem is an inference path of the sdpa model: drop --mode train / --attn naive')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
             raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
         if self.device == 'cuda' and not torch.cuda.is_available():
@@ -175,6 +179,8 @@ class StepRunner:
         if model is None:
             model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
             model.set_lean_activations(cfg.lean)
+            if cfg.fused_stem:
+                model.set_fused_stem(True)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model.to(self.device).train(cfg.mode == 'train')
@@ -543,6 +549,7 @@ def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
     options = (' compiled' if c.compile else '') + (' weights cast once' if c.cast_weights else '') + (
+        ' fused stem' if c.fused_stem else '') + (
         ' grad-checkpointing' if c.grad_checkpointing else '') + (
         f" activations={'lean' if c.lean else 'plain'}" if c.mode == 'train' else '')
     fraction = r.peak_fraction

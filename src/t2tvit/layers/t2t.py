@@ -216,9 +216,12 @@ class T2TModule(nn.Module):
             self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
         self.act = nn.GELU()  # between the convolutions of T2T-ViT-c; unused otherwise
         self.grad_checkpointing = False
-        # inference: soft split + LayerNorm + projection as strided convolutions (split_norm_project); the
-        # naive path and training keep the reference's unfold and patch matrices
-        self.fused_split = not self.is_conv and attn_impl != 'naive'
+        # opt-in inference path (T2TViT.set_fused_stem): soft split + LayerNorm + projection as strided
+        # convolutions (split_norm_project); the naive path and training keep the reference's unfold. Off by
+        # default: a patch that is flat in every channel (a mean-coloured letterbox) loses ~1e-3 of a logit to
+        # float32 cancellation, outside the 1e-4 parity the default path keeps on every input
+        self.fusable = not self.is_conv and attn_impl != 'naive'
+        self.fused_split = False
 
     def _split_grid(self, h: int, w: int, i: int) -> Tuple[int, int]:
         k, s, p = self.kernel_sizes[i], self.strides[i], self.paddings[i]

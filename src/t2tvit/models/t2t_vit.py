@@ -216,6 +216,15 @@ class T2TViT(nn.Module):
                 module.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
+    def set_fused_stem(self, enable: bool = True):
+        """Inference with each soft split + LayerNorm + projection as one strided convolution (``layers/t2t.py``):
+        no patch matrices, faster on CPUs; logits within 1e-4 of the reference except on patches flat in every
+        channel (~1e-3 there). Training and ``attn_impl='naive'`` always take the reference unfold path."""
+        for module in self.modules():
+            if isinstance(module, T2TModule):
+                module.fused_split = bool(enable) and module.fusable
+
+    @torch.jit.ignore
     def set_lean_activations(self, enable: bool = True):
         """Keep the inputs of LayerNorm and GELU for backward, not their outputs (on by default; bit-identical
         results, less memory: ``layers/lean.py``). Gradient checkpointing, where active, owns the saving."""
