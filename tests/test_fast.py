@@ -125,6 +125,10 @@ def test_int8_onnx_export_keeps_the_reference_top1(tmp_path, fixtures_dir, offic
     fp32 = export_model(model, 'onnx', tmp_path / 'fp32.onnx', dynamic_batch=True)
     int8 = quantize_onnx_int8(fp32, tmp_path / 'int8.onnx')
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size  # the blocks' weights are int8
+    import onnx
+    # the blocks' Linear layers and no more: the stem (Performer features included) stays float32
+    blocks_linear = sum(isinstance(m, torch.nn.Linear) for m in model.blocks.modules())
+    assert [n.op_type for n in onnx.load(str(int8)).graph.node].count('MatMulInteger') == blocks_linear
     assert OnnxRuntimeModel(int8)(x).argmax(-1).tolist() == [top5[0] for top5 in expected['top5']]
     # the command line writes and checks a quantized file
     out = tmp_path / 'lite.onnx'

@@ -23,7 +23,6 @@ from .errors import UserError
 BACKBONE_MODULES = ('blocks', 'head')
 
 
-
 def quantize_int8(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` whose block and head Linear layers run in int8 (CPU)."""
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
@@ -47,14 +46,13 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     model = onnx.load(str(src))
     graph = model.graph
-    _fold_weight_transposes(graph)
+    source = _fold_weight_transposes(graph)
     constants = {init.name for init in graph.initializer}
-    # nodes come in topological order and the stem ends with the projection's convolution: what follows is
-    # the backbone (the stem's own MatMuls, the Performer's features among them, stay float32)
-    convs = [i for i, node in enumerate(graph.node) if node.op_type == 'Conv']
-    start = convs[-1] + 1 if convs else 0
-    nodes = [node.name for node in graph.node[start:] if node.op_type in ('MatMul', 'Gemm')
-             and any(i in constants for i in node.input)]
+    # the exporter names each weight after its parameter (a folded transpose after the one it read): the
+    # backbone's MatMul/Gemm nodes are those reading a blocks.* or head.* weight, whatever the stem exports as
+    prefixes = tuple(f'{name}.' for name in BACKBONE_MODULES)
+    nodes = [node.name for node in graph.node if node.op_type in ('MatMul', 'Gemm')
+             and any(i in constants and source.get(i, i).startswith(prefixes) for i in node.input)]
     with tempfile.TemporaryDirectory() as tmp:
         folded = Path(tmp) / 'folded.onnx'
         onnx.save(model, str(folded))
@@ -63,13 +61,15 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def _fold_weight_transposes(graph) -> None:
-    """Replace ``Transpose(weight)`` nodes by transposed weights: the quantizer only sees constant inputs."""
+def _fold_weight_transposes(graph) -> dict[str, str]:
+    """Replace ``Transpose(weight)`` nodes by transposed weights (the quantizer only sees constant inputs);
+    returns each folded weight's name -> the name of the weight it was made from."""
     from onnx import numpy_helper
     inits = {init.name: init for init in graph.initializer}
-    keep = []
+    keep, source = [], {}
     for node in graph.node:
         if node.op_type == 'Transpose' and node.input[0] in inits:
+            source[node.output[0]] = node.input[0]
             perm = [list(a.ints) for a in node.attribute if a.name == 'perm']
             array = numpy_helper.to_array(inits[node.input[0]])
             array = array.transpose(perm[0]) if perm else array.T
@@ -78,3 +78,4 @@ def _fold_weight_transposes(graph) -> None:
             keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+    return source

@@ -96,9 +96,9 @@ class Profile:
 
 def count_params(model: nn.Module) -> int:
     """Every parameter, and every buffer the reference keeps as a frozen parameter (its count's convention)."""
-    fixed = sum(getattr(module, name).numel() for module in model.modules()
-                for name in getattr(module, 'reference_parameters', ())
-                if isinstance(getattr(module, name, None), torch.Tensor) and name in module._buffers)
+    # a learned table (the ViT baselines) is a parameter, counted above: only buffers are added
+    fixed = sum(module._buffers[name].numel() for module in model.modules()
+                for name in getattr(module, 'reference_parameters', ()) if name in module._buffers)
     return sum(p.numel() for p in model.parameters()) + fixed
 
 
