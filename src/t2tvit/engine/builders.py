@@ -60,14 +60,18 @@ def model_for_checkpoint(
 
 
 def finetune_model(
-    name: str, ckpt: Checkpoint, arch: Dict[str, Any], regularisation: Dict[str, Any], load: bool = True
+    name: str,
+    ckpt: Checkpoint,
+    model_kwargs: Dict[str, Any],
+    regularisation: Dict[str, Any],
+    load: bool = True,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """``name`` built with the pretrained checkpoint's architecture arguments, overridden by ``arch`` (the run's
-    img_size, num_classes, model_kwargs), its weights loaded unless ``load=False``: the new head stays as
+    """``name`` built with the pretrained checkpoint's architecture arguments, overridden by ``model_kwargs``
+    (the run's img_size, num_classes, ...), its weights loaded unless ``load=False``: the new head stays as
     initialised (the point of fine-tuning, so no warning), the position table is resized. Returns the model
-    and its architecture arguments, which the run records (``regularisation``, drop rates, left out)."""
-    with _model_errors(name, arch.get('img_size')):
-        model = model_from_checkpoint(ckpt, name, load=load, new_head=True, **regularisation, **arch)
+    and its constructor arguments for the run to record (``regularisation``, the drop rates, left out)."""
+    with _model_errors(name, model_kwargs.get('img_size')):
+        model = model_from_checkpoint(ckpt, name, load=load, new_head=True, **regularisation, **model_kwargs)
     recorded = model.t2tvit_config['model_kwargs']
     return model, {k: v for k, v in recorded.items() if k not in regularisation}
 

@@ -354,12 +354,14 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
     # the model: same initial weights on every rank
     st.seed_everything(cfg.seed)
     pretrained = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
-    arch = {**cfg.model_kwargs, 'img_size': img_size, 'num_classes': num_classes}
+    model_kwargs = {**cfg.model_kwargs, 'img_size': img_size, 'num_classes': num_classes}
     regularisation = {'drop_rate': cfg.drop_rate, 'drop_path_rate': cfg.drop_path}
     if pretrained is not None:  # a resumed run restores its own weights
-        model, arch = builders.finetune_model(cfg.model, pretrained, arch, regularisation, load=resume_path is None)
+        model, model_kwargs = builders.finetune_model(
+            cfg.model, pretrained, model_kwargs, regularisation, load=resume_path is None
+        )
     else:
-        model = builders.build_model(cfg.model, **regularisation, **arch)
+        model = builders.build_model(cfg.model, **regularisation, **model_kwargs)
     if cfg.grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: {cfg.model} does not support gradient checkpointing')
@@ -376,7 +378,7 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
         std=pre['std'],
         crop_pct=pre['crop_pct'],
         interpolation=pre['interpolation'],
-        model_kwargs=arch,
+        model_kwargs=model_kwargs,
     )
     config = cfg.to_dict()
     config.update(resume=None, overwrite=False)  # what this invocation did, not part of the run
