@@ -221,6 +221,37 @@ def test_other_num_classes_reinitialises_the_head_and_says_so(demo_run, caplog):
         assert torch.equal(got[k], v), k
 
 
+def test_finetuning_tells_the_new_head_at_info_and_leaves_the_loggers_alone(demo_run, caplog):
+    from t2tvit.checkpoint import read_checkpoint
+    from t2tvit.engine import builders
+
+    logger = logging.getLogger('t2tvit.checkpoint')
+    before = logger.level
+    with caplog.at_level(logging.INFO, logger='t2tvit.checkpoint'):
+        level = logger.level
+        model, kwargs = builders.finetune_model('t2t_vit_7_32', read_checkpoint(demo_run[0]),
+                                                {'num_classes': 3}, {'drop_path_rate': 0.1})
+        assert logger.level == level  # nothing muted the logger while the weights loaded
+    heads = [r for r in caplog.records if 're-initialised' in r.getMessage()]
+    assert [r.levelno for r in heads] == [logging.INFO]  # expected when fine-tuning: said, not warned
+    assert logger.level == before
+    assert model.head.weight.shape == (3, 256) and kwargs == {'img_size': 32, 'num_classes': 3}
+    assert torch.equal(model.blocks[0].attn.qkv.weight, demo_run[2].blocks[0].attn.qkv.weight)
+
+
+def test_checkpoint_code_imports_neither_the_factory_nor_the_models():
+    """Reading a checkpoint sits below the models and the factory: no import cycle, hidden or not."""
+    import ast
+    from pathlib import Path
+
+    import t2tvit.checkpoint
+
+    for path in Path(t2tvit.checkpoint.__file__).parent.glob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert (node.module or '').split('.')[0] not in ('factory', 'models', 'engine'), path.name
+
+
 def test_checkpoint_of_another_architecture_names_the_model_it_fits(reference7, caplog):
     model = t2tvit.create_model('t2t_vit_10', num_classes=10)
     with caplog.at_level(logging.INFO, logger='t2tvit.checkpoint'), pytest.raises(UserError) as info:

@@ -70,6 +70,42 @@ def test_any_image_mode_becomes_rgb_with_white_for_transparency():
     assert D.to_rgb(Image.new('P', (4, 4))).mode == 'RGB'
 
 
+def test_one_loader_reads_every_image_and_names_a_bad_file(tmp_path):
+    from t2tvit.analysis import visualize
+
+    assert visualize.load_image is D.load_image
+    good = tmp_path / 'a.png'
+    Image.new('LA', (4, 4), (10, 0)).save(good)
+    assert D.load_image(good).getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(UserError, match='missing.png: no such image file'):
+        D.load_image(tmp_path / 'missing.png')
+    bad = tmp_path / 'bad.jpg'
+    bad.write_bytes(b'\xff\xd8\xff not a jpeg')
+    with pytest.raises(UserError, match='bad.jpg: cannot be read as an image'):
+        D.load_image(bad)
+
+
+def test_preprocessing_is_the_run_s_then_cifar_s_then_the_model_s():
+    import t2tvit
+    from timm.data import IMAGENET_DEFAULT_MEAN
+
+    from t2tvit.cifar import CIFAR_MEAN
+
+    with torch.device('meta'):
+        plain = t2tvit.create_model('t2t_vit_7', img_size=160)
+        cifar_tag = t2tvit.create_model('t2t_vit_14.in1k_ft_cifar10')
+    assert D.resolve_preprocessing(plain) == {'img_size': 160, 'in_chans': 3, 'mean': IMAGENET_DEFAULT_MEAN,
+                                              'std': (0.229, 0.224, 0.225), 'crop_pct': 0.9,
+                                              'interpolation': 'bicubic'}
+    assert D.resolve_preprocessing(plain, dataset='cifar10')['mean'] == CIFAR_MEAN
+    tagged = D.resolve_preprocessing(cifar_tag)  # the CIFAR transfer release's own settings
+    assert (tagged['mean'], tagged['crop_pct'], tagged['interpolation']) == (CIFAR_MEAN, 1.0, 'bilinear')
+    given = D.resolve_preprocessing(plain, {'mean': (0.5,) * 3, 'crop_pct': 0.875, 'std': None, 'img_size': 64},
+                                    dataset='cifar10')
+    assert (given['mean'], given['crop_pct'], given['img_size']) == ((0.5,) * 3, 0.875, 64)
+    assert given['std'] == (0.2023, 0.1994, 0.2010)  # None: not given, so CIFAR's
+
+
 def _write_cifar10(folder, per_batch=4):
     base = folder / 'cifar-10-batches-py'
     base.mkdir(parents=True)

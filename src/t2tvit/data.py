@@ -58,11 +58,51 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
-def load_image(path: str) -> Image.Image:
-    with open(path, 'rb') as f:
-        img = Image.open(io.BytesIO(f.read()))
-        img.load()
+def load_image(path) -> Image.Image:
+    """The one image loader (datasets, predict, visualize): ``path`` as an RGB PIL image (see :func:`to_rgb`).
+
+    A missing or undecodable file is a :class:`UserError` naming it; a dataset counts it as a failed image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'{path}: no such image file (check the path)')
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(io.BytesIO(f.read()))
+            img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f'{path}: cannot be read as an image ({type(e).__name__}); give a JPEG or PNG file') from None
     return to_rgb(img)
+
+
+# -- preprocessing ----------------------------------------------------------------------------------------
+def resolve_preprocessing(model, overrides: Optional[Dict[str, Any]] = None,
+                          dataset: Optional[str] = None) -> Dict[str, Any]:
+    """How images are prepared for ``model``: ``img_size``, ``in_chans``, ``mean``, ``std``, ``crop_pct``,
+    ``interpolation``.
+
+    Each is the value ``overrides`` gives (a run's flags, or the config a training checkpoint recorded;
+    None means not given), else CIFAR's mean/std for CIFAR ``dataset``, else the model's ``pretrained_cfg``
+    (a pretrained tag's own: CIFAR's for the CIFAR transfers). The size is the model's own unless
+    ``overrides`` names one.
+    """
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from .cifar import CIFAR_MEAN, CIFAR_STD
+
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    pre = dict(getattr(model, 'pretrained_cfg', None) or {})
+    input_size = pre.get('input_size', (3, 224, 224))
+    size = given.get('img_size') or getattr(model, 'img_size', None) or input_size[1:]
+    cifar = dataset in ('cifar10', 'cifar100')
+    return {
+        'img_size': int(size[0]) if isinstance(size, (tuple, list)) else int(size),
+        'in_chans': int(getattr(model, 'in_chans', None) or input_size[0]),
+        'mean': tuple(given.get('mean') or (CIFAR_MEAN if cifar else pre.get('mean', IMAGENET_DEFAULT_MEAN))),
+        'std': tuple(given.get('std') or (CIFAR_STD if cifar else pre.get('std', IMAGENET_DEFAULT_STD))),
+        'crop_pct': float(given.get('crop_pct', pre.get('crop_pct', 0.9))),
+        'interpolation': given.get('interpolation') or pre.get('interpolation', 'bicubic'),
+    }
 
 
 # -- labelled images ------------------------------------------------------------------------------
@@ -263,7 +303,7 @@ class AugmentedDataset(Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         try:
             img = self.images.image(i)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except (UserError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return Failed(self.images.name(i), f'{type(e).__name__}: {e}')
         with _seeded(self.seed, epoch, i):
             x = self.transform(img)

@@ -107,7 +107,7 @@ def model_kwargs(key: str, img_size: int) -> dict[str, Any]:
     return {'img_size': img_size, **stem, **BACKBONES[v['backbone']]}
 
 
-def default_img_size(dataset: str) -> int:
+def dataset_img_size(dataset: str) -> int:
     """Digits are 8x8: 16x16 keeps every pixel at a quarter of 32x32's cost; other data at 32."""
     return 16 if dataset == 'digits' else 32
 
@@ -315,7 +315,7 @@ def run_ablation(
     if unknown:
         raise UserError(f'unknown ablation variant {unknown[0]!r} (choose from {", ".join(VARIANTS)})')
     dataset = detect_dataset(data)
-    img_size = img_size or default_img_size(dataset)
+    img_size = img_size or dataset_img_size(dataset)
     if img_size % 4:
         raise UserError(f'--img-size {img_size}: must be a multiple of 4 (the token stride of the ablation models)')
     out = Path(out_dir)

@@ -143,9 +143,10 @@ class BenchmarkResult:
         }
 
 
-def default_img_size(model: str) -> int:
-    from ..models.t2t_vit import MODEL_CONFIGS
-    size = MODEL_CONFIGS.get(model, {}).get('img_size', 224)
+def model_img_size(model: str) -> int:
+    """The image size a registered model is built for by default (its table entry's), 224 for other models."""
+    from ..registry import list_models, model_entry
+    size = model_entry(model).config.get('img_size', 224) if model in list_models() else 224
     return size if isinstance(size, int) else size[0]
 
 
@@ -173,7 +174,7 @@ class StepRunner:
     def __init__(self, cfg: BenchmarkConfig, seed: int = 0, model: torch.nn.Module | None = None):
         from ..factory import create_model
         self.cfg = cfg.validate() if model is None else cfg
-        self.img_size = cfg.img_size or default_img_size(cfg.model)
+        self.img_size = cfg.img_size or model_img_size(cfg.model)
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
         if model is None:
@@ -474,7 +475,7 @@ def run_compare(cfg: BenchmarkConfig, others: list[str]) -> list[tuple[str, floa
     Rows: (name, published top-1 or None, result); the results' FLOPs are ours for our model and
     0 for the others (their MACs are not counted here).
     """
-    from ..models.t2t_vit import PAPER_RESULTS
+    from ..models import PAPER_RESULTS
     runners = [StepRunner(cfg)]
     for name in others:
         model = _timm_model(name, runners[0].img_size)

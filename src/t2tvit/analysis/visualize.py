@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import eval_transform, load_image, resolve_preprocessing
 from ..errors import UserError
+from ..factory import create_model
 
 ZERO_RTOL = 1e-6
 EXTREME_RATIO = 10.0
@@ -52,12 +54,12 @@ __all__ = [
     'Picture',
     'attention_rollout',
     'block_attention',
-    'build_model',
     'feature_layers',
     'image_tensor',
     'invalid_channels',
     'layer_names',
     'load_image',
+    'picture_model',
     'recorded_attention_inputs',
     'render_attention',
     'render_features',
@@ -89,53 +91,19 @@ class Picture:
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def load_image(path) -> 'Image.Image':  # noqa: F821
-    """Open ``path`` as an RGB PIL image (grayscale, palette, CMYK, 16-bit and alpha included)."""
-    from PIL import Image, UnidentifiedImageError
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f'{path}: no such image file (check the path)')
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UserError(f'{path}: cannot be read as an image ({type(e).__name__}); give a JPEG or PNG file')
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        img = Image.fromarray(a.astype(np.uint8), mode='L')
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-        # transparent pixels often hold arbitrary colours: show them on white, as a viewer does
-        rgba = img.convert('RGBA')
-        white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img.convert('RGB')
-
-
-def _data_config(model: nn.Module, img_size: int | None = None) -> dict:
-    from timm.data import resolve_data_config
-    cfg = resolve_data_config({}, model=model)
-    if img_size:
-        cfg['input_size'] = (cfg['input_size'][0], int(img_size), int(img_size))
-    return cfg
-
-
 def image_tensor(image, model: nn.Module, img_size: int | None = None) -> tuple[torch.Tensor, dict]:
-    """Preprocess a PIL image as the model's pretrained_cfg says (timm.data): (1, C, H, W) and the config."""
-    from timm.data import create_transform
-    cfg = _data_config(model, img_size)
-    x = create_transform(**cfg)(image)
-    if x.shape[0] != cfg['input_size'][0]:
-        # models of one-channel data (digits) see the image as gray
-        x = x.mean(dim=0, keepdim=True).expand(cfg['input_size'][0], -1, -1)
-    return x.unsqueeze(0), cfg
+    """Preprocess a PIL image as the model's pretrained_cfg says (:func:`t2tvit.data.resolve_preprocessing`):
+    (1, C, H, W) and the settings used."""
+    pre = resolve_preprocessing(model, {'img_size': img_size})
+    x = eval_transform(pre['img_size'], pre['mean'], pre['std'], pre['crop_pct'], pre['interpolation'])(image)
+    if x.shape[0] != pre['in_chans']:
+        # models of one-channel data see the image as gray
+        x = x.mean(dim=0, keepdim=True).expand(pre['in_chans'], -1, -1)
+    return x.unsqueeze(0), pre
 
 
-def build_model(name: str, checkpoint: str | None = None) -> nn.Module:
+def picture_model(name: str, checkpoint: str | None = None) -> nn.Module:
     """The model for pictures: eval mode, any image size (the position table is resized)."""
-    from ..factory import create_model
     if checkpoint and not Path(checkpoint).is_file():
         raise UserError(f'{checkpoint}: no such checkpoint file (check the path)')
     try:
@@ -355,7 +323,7 @@ def visualize_features(
         raise UserError(f'--channels must be at least 1, got {channels}')
     if compare not in (None, 'resnet50'):
         raise UserError(f'--compare {compare!r} is not supported (only resnet50)')
-    model = model if model is not None else build_model(model_name, checkpoint)
+    model = model if model is not None else picture_model(model_name, checkpoint)
     x, _ = _checked_input(load_image(image), model, img_size)
     maps = feature_layers(model, x, layers)
     weights = Path(checkpoint).name if checkpoint else 'random weights'
@@ -544,7 +512,7 @@ def visualize_attention(
         model: nn.Module | None = None,
 ) -> list[Picture]:
     """``t2tvit visualize attention``: writes ``attention_heads.png`` and ``attention_rollout.png``."""
-    model = model if model is not None else build_model(model_name, checkpoint)
+    model = model if model is not None else picture_model(model_name, checkpoint)
     x, cfg = _checked_input(load_image(image), model, img_size)
     attending = [i + 1 for i in _attention_blocks(model)]
     blocks = list(dict.fromkeys(blocks)) if blocks else attending[-2:]

@@ -15,33 +15,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import Checkpoint, load_checkpoint, model_args_from_checkpoint, read_checkpoint
+from ..checkpoint import Checkpoint, read_checkpoint
+from ..data import resolve_preprocessing
 from ..errors import UserError
-from ..factory import UnknownModelError, create_model
+from ..factory import UnknownModelError, create_model, list_models, model_from_checkpoint
 
 
 # -- models and weights --------------------------------------------------------------------------------
-def build_model(name: str, **kwargs) -> nn.Module:
-    """A registered t2tvit model; bad names, sizes and keyword arguments become one-line errors."""
+@contextlib.contextmanager
+def _model_errors(name: Optional[str], img_size: Optional[int]):
+    """Bad names, sizes and keyword arguments of a model to build become one-line errors."""
     try:
-        return create_model(name, **kwargs)
+        yield
     except UserError:
         raise
     except UnknownModelError as e:
         raise UserError(str(e)) from None
     except (ValueError, AssertionError) as e:
-        size = kwargs.get('img_size')
-        what = f'--img-size {size}' if size is not None else f'model {name}'
+        what = f'--img-size {img_size}' if img_size is not None else f'model {name}'
         raise UserError(f'{what}: {e}') from None
     except TypeError as e:
         raise UserError(f'model {name}: {e} (check model_kwargs)') from None
 
 
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A registered t2tvit model; bad names, sizes and keyword arguments become one-line errors."""
+    with _model_errors(name, kwargs.get('img_size')):
+        return create_model(name, **kwargs)
+
+
 def train_config(ckpt: Checkpoint) -> Dict[str, Any]:
     """The run config saved in one of our training checkpoints ({} for other layouts)."""
-    if ckpt.layout != 'train':
-        return {}
-    return dict(torch.load(ckpt.path, map_location='cpu', weights_only=True).get('config') or {})
+    return dict(ckpt.run_config)
 
 
 def model_for_checkpoint(
@@ -49,45 +54,37 @@ def model_for_checkpoint(
 ) -> Tuple[nn.Module, Checkpoint, str]:
     """A model carrying the checkpoint's weights (EMA when present), built as the checkpoint says."""
     ckpt = read_checkpoint(path)
-    name, kwargs = model_args_from_checkpoint(ckpt, name, img_size=img_size)
-    model = build_model(name, **kwargs)
-    load_checkpoint(model, ckpt)
-    return model, ckpt, name
+    with _model_errors(name, img_size):
+        model = model_from_checkpoint(ckpt, name, img_size=img_size)
+    return model, ckpt, name or model.t2tvit_config['model']
 
 
-def pretrained_arch(path: str, model_name: str) -> Tuple[Checkpoint, Dict[str, Any]]:
-    """The weights to fine-tune from, and their constructor arguments other than img_size / num_classes."""
-    ckpt = read_checkpoint(path)
-    _, kwargs = model_args_from_checkpoint(ckpt, model_name)
-    return ckpt, {k: v for k, v in kwargs.items() if k not in ('img_size', 'num_classes')}
-
-
-def transfer_weights(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Pretrained weights into ``model``: its new head stays as initialised, the position table is resized."""
-    import logging
-
-    logger = logging.getLogger('t2tvit.checkpoint')
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # the new head is the point of fine-tuning: no warning about it
-    try:
-        load_checkpoint(model, ckpt)
-    finally:
-        logger.setLevel(level)
+def finetune_model(
+    name: str,
+    ckpt: Checkpoint,
+    model_kwargs: Dict[str, Any],
+    regularisation: Dict[str, Any],
+    load: bool = True,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """``name`` built with the pretrained checkpoint's architecture arguments, overridden by ``model_kwargs``
+    (the run's img_size, num_classes, ...), its weights loaded unless ``load=False``: the new head stays as
+    initialised (the point of fine-tuning, so no warning), the position table is resized. Returns the model
+    and its constructor arguments for the run to record (``regularisation``, the drop rates, left out)."""
+    with _model_errors(name, model_kwargs.get('img_size')):
+        model = model_from_checkpoint(ckpt, name, load=load, new_head=True, **regularisation, **model_kwargs)
+    recorded = model.t2tvit_config['model_kwargs']
+    return model, {k: v for k, v in recorded.items() if k not in regularisation}
 
 
 def build_teacher(name: str, checkpoint: str, num_classes: int, device: torch.device) -> nn.Module:
     """Any timm or t2tvit model in eval mode, weights from ``checkpoint`` (never downloaded)."""
     import timm
 
-    from ..factory import list_models
-
     if not Path(checkpoint).is_file():
         raise UserError(f'--teacher-checkpoint {checkpoint}: no such file')
     if name in list_models():
-        ckpt = read_checkpoint(checkpoint)
-        name, kwargs = model_args_from_checkpoint(ckpt, name)
-        teacher = build_model(name, **kwargs)
-        load_checkpoint(teacher, ckpt)
+        with _model_errors(name, None):
+            teacher = model_from_checkpoint(read_checkpoint(checkpoint), name)
     else:
         known = timm.list_models()
         if name not in known:
@@ -114,23 +111,10 @@ def build_teacher(name: str, checkpoint: str, num_classes: int, device: torch.de
 
 # -- preprocessing -------------------------------------------------------------------------------------
 def data_settings(model: nn.Module, cfg) -> Dict[str, Any]:
-    """img_size, mean, std, crop_pct, interpolation: the config's where given, else the model's."""
-    from ..cifar import CIFAR_MEAN, CIFAR_STD
-
-    pre = dict(getattr(model, 'pretrained_cfg', None) or {})
-    size = getattr(model, 'img_size', None) or pre.get('input_size', (3, 224, 224))[1:]
-    cifar = cfg.dataset in ('cifar10', 'cifar100')
-    return {
-        'img_size': int(size[0]) if isinstance(size, (tuple, list)) else int(size),
-        'mean': tuple(cfg.mean)
-        if cfg.mean
-        else (CIFAR_MEAN if cifar else tuple(pre.get('mean', (0.485, 0.456, 0.406)))),
-        'std': tuple(cfg.std)
-        if cfg.std
-        else (CIFAR_STD if cifar else tuple(pre.get('std', (0.229, 0.224, 0.225)))),
-        'crop_pct': float(cfg.crop_pct if cfg.crop_pct is not None else pre.get('crop_pct', 0.9)),
-        'interpolation': cfg.interpolation or pre.get('interpolation', 'bicubic'),
-    }
+    """img_size, mean, std, crop_pct, interpolation: the config's where given, else the model's
+    (CIFAR's mean/std for CIFAR data)."""
+    overrides = {k: getattr(cfg, k) for k in ('mean', 'std', 'crop_pct', 'interpolation')}
+    return resolve_preprocessing(model, overrides, dataset=cfg.dataset)
 
 
 # -- optimization ----------------------------------------------------------------------------------------

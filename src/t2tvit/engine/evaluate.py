@@ -2,7 +2,6 @@
 
 import contextlib
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -106,13 +105,7 @@ def predict(
     model.eval()
     results = []
     for path in paths:
-        if not Path(path).is_file():
-            raise UserError(f'{path}: no such image file')
-        try:
-            img = load_image(str(path))
-        except (OSError, ValueError, SyntaxError) as e:
-            raise UserError(f'{path}: cannot decode the image ({type(e).__name__})') from None
-        x = transform(img).unsqueeze(0).to(device)
+        x = transform(load_image(path)).unsqueeze(0).to(device)
         with autocast():
             logits = model(x)
         probs = logits.float().softmax(dim=1)[0]
@@ -135,19 +128,14 @@ def predict(
 
 
 # -- the validate and predict commands ---------------------------------------------------------------------
-def _preprocessing(model: nn.Module, cfg: Dict[str, Any], crop_pct: Optional[float]) -> Dict[str, Any]:
+def _preprocessing(model: nn.Module, trained_on: Dict[str, Any], crop_pct: Optional[float]) -> Dict[str, Any]:
     """A training run's own preprocessing (its mean/std may be CIFAR's), else the model's defaults."""
-    pre = dict(getattr(model, 'pretrained_cfg', None) or {})
-    size = getattr(model, 'img_size', None) or pre['input_size'][1:]
-    return {
-        'img_size': int(size[0]) if isinstance(size, (tuple, list)) else int(size),
-        'mean': tuple(cfg.get('mean') or pre.get('mean')),
-        'std': tuple(cfg.get('std') or pre.get('std')),
-        'crop_pct': float(
-            crop_pct if crop_pct is not None else cfg.get('crop_pct') or pre.get('crop_pct', 0.9)
-        ),
-        'interpolation': cfg.get('interpolation') or pre.get('interpolation', 'bicubic'),
-    }
+    from ..data import resolve_preprocessing
+
+    overrides = {k: trained_on.get(k) for k in ('mean', 'std', 'crop_pct', 'interpolation')}
+    if crop_pct is not None:
+        overrides['crop_pct'] = crop_pct
+    return resolve_preprocessing(model, overrides)
 
 
 def _class_names(model: nn.Module, ckpt, descriptions: bool = False) -> Optional[List[str]]:

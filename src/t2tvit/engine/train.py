@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import read_checkpoint
 from ..errors import UserError
 from . import builders
 from . import state as st
@@ -352,19 +353,21 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
 
     # the model: same initial weights on every rank
     st.seed_everything(cfg.seed)
-    pretrained, source_arch = None, {}
-    if cfg.checkpoint:
-        pretrained, source_arch = builders.pretrained_arch(cfg.checkpoint, cfg.model)
-    arch = {**source_arch, **cfg.model_kwargs, 'img_size': img_size, 'num_classes': num_classes}
-    model = builders.build_model(cfg.model, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path, **arch)
+    pretrained = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    model_kwargs = {**cfg.model_kwargs, 'img_size': img_size, 'num_classes': num_classes}
+    regularisation = {'drop_rate': cfg.drop_rate, 'drop_path_rate': cfg.drop_path}
+    if pretrained is not None:  # a resumed run restores its own weights
+        model, model_kwargs = builders.finetune_model(
+            cfg.model, pretrained, model_kwargs, regularisation, load=resume_path is None
+        )
+    else:
+        model = builders.build_model(cfg.model, **regularisation, **model_kwargs)
     if cfg.grad_checkpointing:
         if not hasattr(model, 'set_grad_checkpointing'):
             raise UserError(f'--grad-checkpointing: {cfg.model} does not support gradient checkpointing')
         model.set_grad_checkpointing(True)
     if hasattr(model, 'set_lean_activations'):  # t2tvit's models; other timm models train plainly
         model.set_lean_activations(cfg.activations == 'lean')
-    if pretrained is not None and resume_path is None:
-        builders.transfer_weights(model, pretrained)
     from_pretrained = pretrained is not None
     del pretrained
     pre = builders.data_settings(model, cfg)
@@ -375,7 +378,7 @@ def _fit(cfg: RunConfig, env: DistEnv, say, ModelEmaV3, D) -> FitResult:
         std=pre['std'],
         crop_pct=pre['crop_pct'],
         interpolation=pre['interpolation'],
-        model_kwargs=arch,
+        model_kwargs=model_kwargs,
     )
     config = cfg.to_dict()
     config.update(resume=None, overwrite=False)  # what this invocation did, not part of the run

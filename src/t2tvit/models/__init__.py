@@ -1,4 +1,8 @@
-"""Every T2T-ViT of the paper, and its ablations and ViT baselines, registered in timm on import."""
+"""Every T2T-ViT of the paper, and its ablations and ViT baselines, registered in timm on import.
+
+Each model is one entry of a table (``t2t_vit.MODELS``, ``ablations.MODELS``): config, class, paper
+numbers, released weights; :mod:`t2tvit.registry` indexes them by name.
+"""
 from . import ablations, t2t_vit
 from .t2t_vit import MODEL_CONFIGS, Block, T2TViT, create_t2t_vit
 

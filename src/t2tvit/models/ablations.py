@@ -68,9 +68,11 @@ from torch import nn
 
 from ..layers.attention import Attention, scaled_attention
 from ..layers.lean import lean_saving_applies
-from .t2t_vit import Block, T2TViT, default_cfg_for, register_models
+from ..registry import ModelEntry
+from .t2t_vit import Block, T2TViT, register_models, table_cfgs
 
 __all__ = [
+    'MODELS',
     'MODEL_CONFIGS',
     'PAPER_RESULTS',
     'CheapOperation',
@@ -338,51 +340,37 @@ class PatchViT(T2TViT):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model table: one small dict per registered model, its class, and the published numbers.
+# Model table: one entry per registered model: its config, its class, and the published
+# (top-1 %, params M, MACs G) of Tables 2, 6 and 7.
 # ---------------------------------------------------------------------------------------------
 _T2T_VIT_14 = {'embed_dim': 384, 'depth': 14, 'num_heads': 6, 'mlp_ratio': 3.0}
 _VIT = {'token_mixer': 'patch', 'patch_size': 16, 'pos_table': 'learned', 'out_indices': 3}
 
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+MODELS: dict[str, ModelEntry] = {
     # Table 6: CNN designs in the T2T-ViT backbone
-    't2t_vit_14_se': {**_T2T_VIT_14, 'token_mixer': 'performer',
-                      'block_fn': partial(Block, attn_layer=SEAttention)},
-    't2t_vit_16_ghost': {**_T2T_VIT_14, 'depth': 16, 'token_mixer': 'performer',
-                         'block_fn': partial(Block, attn_layer=GhostAttention, mlp_layer=GhostMlp)},
-    't2t_vit_dense': {'embed_dim': 128, 'growth_rate': 64, 'block_config': (3, 6, 6, 4), 'num_heads': 8,
-                      'mlp_ratio': 2.0, 'token_mixer': 'performer'},
+    't2t_vit_14_se': ModelEntry({**_T2T_VIT_14, 'token_mixer': 'performer',
+                                 'block_fn': partial(Block, attn_layer=SEAttention)}, paper=(81.6, 21.9, 4.9)),
+    't2t_vit_16_ghost': ModelEntry({**_T2T_VIT_14, 'depth': 16, 'token_mixer': 'performer',
+                                    'block_fn': partial(Block, attn_layer=GhostAttention, mlp_layer=GhostMlp)},
+                                   paper=(79.5, 16.3, 3.7)),
+    't2t_vit_dense': ModelEntry({'embed_dim': 128, 'growth_rate': 64, 'block_config': (3, 6, 6, 4), 'num_heads': 8,
+                                 'mlp_ratio': 2.0, 'token_mixer': 'performer'},
+                                model_cls=T2TViTDense, paper=(80.6, 23.7, 5.5)),
     # Table 7: the T2T module ablated
-    't2t_vit_c_14': {**_T2T_VIT_14, 'token_mixer': 'convolution'},
-    't2t_vit_14_wo_t2t': {**_T2T_VIT_14, 'token_mixer': 'patch', 'patch_size': 16, 'pos_table': 'sinusoid',
-                          'out_indices': 3},
+    't2t_vit_c_14': ModelEntry({**_T2T_VIT_14, 'token_mixer': 'convolution'}, paper=(80.8, 21.3, 4.6)),
+    't2t_vit_14_wo_t2t': ModelEntry({**_T2T_VIT_14, 'token_mixer': 'patch', 'patch_size': 16, 'pos_table': 'sinusoid',
+                                     'out_indices': 3}, model_cls=PatchViT, paper=(79.5, 21.1, 4.2)),
     # Tables 2 and 6: ViT baselines
-    'vit_s_16': {**_VIT, 'embed_dim': 768, 'depth': 8, 'num_heads': 8, 'mlp_ratio': 3.0, 'qk_scale': 768 ** -0.5},
-    'vit_dn': {**_VIT, 'embed_dim': 384, 'depth': 16, 'num_heads': 6, 'mlp_ratio': 3.0},
-    'vit_sw': {**_VIT, 'embed_dim': 1024, 'depth': 4, 'num_heads': 16, 'mlp_ratio': 3.5},
+    'vit_s_16': ModelEntry({**_VIT, 'embed_dim': 768, 'depth': 8, 'num_heads': 8, 'mlp_ratio': 3.0,
+                            'qk_scale': 768 ** -0.5}, model_cls=PatchViT, paper=(78.1, 48.6, 10.1)),
+    'vit_dn': ModelEntry({**_VIT, 'embed_dim': 384, 'depth': 16, 'num_heads': 6, 'mlp_ratio': 3.0},
+                         model_cls=PatchViT, paper=(79.0, 24.5, 5.5)),
+    'vit_sw': ModelEntry({**_VIT, 'embed_dim': 1024, 'depth': 4, 'num_heads': 16, 'mlp_ratio': 3.5},
+                         model_cls=PatchViT, paper=(69.9, 47.9, 9.9)),
 }
 
-MODEL_CLASSES = {
-    't2t_vit_dense': T2TViTDense,
-    't2t_vit_14_wo_t2t': PatchViT,
-    'vit_s_16': PatchViT,
-    'vit_dn': PatchViT,
-    'vit_sw': PatchViT,
-}
-
-# (top-1 %, params M, MACs G) as published in Tables 2, 6 and 7
-PAPER_RESULTS: dict[str, tuple[float | None, float | None, float | None]] = {
-    't2t_vit_14_se': (81.6, 21.9, 4.9),
-    't2t_vit_16_ghost': (79.5, 16.3, 3.7),
-    't2t_vit_dense': (80.6, 23.7, 5.5),
-    't2t_vit_c_14': (80.8, 21.3, 4.6),
-    't2t_vit_14_wo_t2t': (79.5, 21.1, 4.2),
-    'vit_s_16': (78.1, 48.6, 10.1),
-    'vit_dn': (79.0, 24.5, 5.5),
-    'vit_sw': (69.9, 47.9, 9.9),
-}
-
-default_cfgs = {name: default_cfg_for(name, cfg) for name, cfg in MODEL_CONFIGS.items()}
-
-
+MODEL_CONFIGS = {name: e.config for name, e in MODELS.items()}
+PAPER_RESULTS = {name: e.paper for name, e in MODELS.items() if e.paper is not None}
+default_cfgs = table_cfgs(MODELS)
 # one loop registers every model of the table (timm reads ``default_cfgs`` above)
-register_models(__name__, MODEL_CONFIGS, MODEL_CLASSES)
+register_models(__name__, MODELS)

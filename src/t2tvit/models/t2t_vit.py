@@ -31,14 +31,16 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..checkpoint import fetch_pretrained, load_checkpoint
 from ..cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR_MEAN, CIFAR_STD
 from ..layers.attention import Attention, check_attn_impl
 from ..layers.checkpointing import checkpoint_block
 from ..layers.lean import LeanSaving, lean_saving_applies, timm_mlp
 from ..layers.pos_table import resize_pos_table, sinusoid_table
 from ..layers.t2t import T2TModule, to_2tuple_int
+from ..registry import ModelEntry, register_entry
 
-__all__ = ['T2TViT', 'Block', 'MODEL_CONFIGS', 'PAPER_RESULTS', 'PRETRAINED', 'RELEASE_URL']
+__all__ = ['T2TViT', 'Block', 'MODELS', 'MODEL_CONFIGS', 'PAPER_RESULTS', 'PRETRAINED', 'RELEASE_URL']
 
 
 class Block(nn.Module):
@@ -252,7 +254,6 @@ class T2TViT(nn.Module):
         """timm's hook for a ``custom_load`` pretrained tag: the reference release read by t2tvit's reader
         (EMA weights, ``module.`` prefix, the pickled run ``args``), a new head / image size fitted as with
         ``checkpoint_path``."""
-        from ..checkpoint import load_checkpoint
         load_checkpoint(self, checkpoint_path)
 
     # -- forward ---------------------------------------------------------------------------------
@@ -350,82 +351,72 @@ class T2TViT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model table: one small dict per registered model. Paper numbers: Table 1-4, 6-7 of the paper
-# and the reference README (top-1 on ImageNet val at 224, params in M, MACs in G).
+# Model table: one entry per registered model, its config, paper numbers and released weights.
+# Paper numbers: Tables 1-4, 6-7 of the paper and the reference README (top-1 on ImageNet val at
+# 224, params in M, MACs in G). Pretrained tags: the checkpoints the authors released, under their
+# release file names, with the top-1 (%) they report (ImageNet val, None: the paper's number; CIFAR
+# test for the transfers) and what differs from the model's own config. The token-labeling
+# T2T-ViT-24 (84.2_T2T_ViT_24.pth.tar) is left out: its key layout could not be checked here.
 # ---------------------------------------------------------------------------------------------
+RELEASE_URL = 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/'
 _PERFORMER = dict(token_mixer='performer')
 _TRANSFORMER = dict(token_mixer='transformer')
-
-MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
-    't2t_vit_7': dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
-    't2t_vit_10': dict(embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
-    't2t_vit_12': dict(embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
-    't2t_vit_14': dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, **_PERFORMER),
-    't2t_vit_19': dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, **_PERFORMER),
-    't2t_vit_24': dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, **_PERFORMER),
-    't2t_vit_t_14': dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, **_TRANSFORMER),
-    't2t_vit_t_19': dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, **_TRANSFORMER),
-    't2t_vit_t_24': dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, **_TRANSFORMER),
-    # Table 6: ResNeXt-like (more heads) and wide-shallow structures
-    't2t_vit_14_resnext': dict(embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.0, **_PERFORMER),
-    't2t_vit_14_wide': dict(embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.0, **_PERFORMER),
-    # small images (CIFAR, the built-in digits): 32x32 -> 32x32 -> 16x16 -> 8x8 tokens
-    't2t_vit_7_32': dict(img_size=32, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0,
-                         t2t_kernel_sizes=(3, 3, 3), t2t_strides=(1, 2, 2), t2t_paddings=(1, 1, 1), **_PERFORMER),
-    # `make demo`'s model: t2t_vit_7_32's geometry, narrow and shallow to train in minutes on 2 CPU cores
-    't2t_vit_lite_32': dict(img_size=32, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, token_dim=16,
-                            t2t_kernel_sizes=(3, 3, 3), t2t_strides=(1, 2, 2), t2t_paddings=(1, 1, 1), **_PERFORMER),
-}
-
-# (top-1 %, params M, MACs G) as published; None where the paper gives no number
-PAPER_RESULTS: Dict[str, Tuple[Optional[float], Optional[float], Optional[float]]] = {
-    't2t_vit_7': (71.7, 4.3, 1.1),
-    't2t_vit_10': (75.2, 5.9, 1.5),
-    't2t_vit_12': (76.5, 6.9, 1.8),
-    't2t_vit_14': (81.5, 21.5, 4.8),
-    't2t_vit_19': (81.9, 39.2, 8.5),
-    't2t_vit_24': (82.3, 64.1, 13.8),
-    't2t_vit_t_14': (81.7, 21.5, 6.1),
-    't2t_vit_t_19': (82.4, 39.2, 9.8),
-    't2t_vit_t_24': (82.6, 64.1, 15.0),
-    't2t_vit_14_resnext': (81.5, 21.5, 4.8),
-    't2t_vit_14_wide': (78.8, 25.0, 5.4),  # Table 7, T2T-ViT-d768-4 (the same shape as this model)
-}
-
-# Pretrained tags: the checkpoints the authors released, under their release file names, with the top-1 (%) they
-# report for each (ImageNet val; CIFAR test for the transfers) and what differs from the model's own config. The
-# token-labeling T2T-ViT-24 (84.2_T2T_ViT_24.pth.tar) is left out: its key layout could not be checked here.
-RELEASE_URL = 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/'
 _CIFAR = dict(input_size=(3, 224, 224), crop_pct=1.0, interpolation='bilinear', mean=CIFAR_MEAN, std=CIFAR_STD)
-_CIFAR10 = dict(num_classes=10, label_names=CIFAR10_CLASSES, **_CIFAR)
-_CIFAR100 = dict(num_classes=100, label_names=CIFAR100_CLASSES, **_CIFAR)
+_CIFAR10 = dict(dataset='CIFAR-10', num_classes=10, label_names=CIFAR10_CLASSES, **_CIFAR)
+_CIFAR100 = dict(dataset='CIFAR-100', num_classes=100, label_names=CIFAR100_CLASSES, **_CIFAR)
 
 
-def _in1k(name: str, file: str) -> Dict[str, Any]:
-    return dict(file=file, top1=PAPER_RESULTS[name][0], dataset='ImageNet-1k')
+def _in1k(file: str) -> Dict[str, Any]:
+    return dict(file=file, top1=None, dataset='ImageNet-1k')
 
 
-PRETRAINED: Dict[str, Dict[str, Any]] = {
-    't2t_vit_7.in1k': _in1k('t2t_vit_7', '71.7_T2T_ViT_7.pth.tar'),
-    't2t_vit_10.in1k': _in1k('t2t_vit_10', '75.2_T2T_ViT_10.pth.tar'),
-    't2t_vit_12.in1k': _in1k('t2t_vit_12', '76.5_T2T_ViT_12.pth.tar'),
-    't2t_vit_14.in1k': _in1k('t2t_vit_14', '81.5_T2T_ViT_14.pth.tar'),
-    't2t_vit_14.in1k_384': dict(file='83.3_T2T_ViT_14.pth.tar', top1=83.3, dataset='ImageNet-1k',
-                                input_size=(3, 384, 384), crop_pct=1.0),
-    't2t_vit_14.in1k_ft_cifar10': dict(file='cifar10_t2t-vit_14_98.3.pth', top1=98.3, dataset='CIFAR-10', **_CIFAR10),
-    't2t_vit_14.in1k_ft_cifar100': dict(file='cirfar100_t2t-vit-14_88.4.pth', top1=88.4, dataset='CIFAR-100',
-                                        **_CIFAR100),  # (sic) the release's spelling
-    't2t_vit_19.in1k': _in1k('t2t_vit_19', '81.9_T2T_ViT_19.pth.tar'),
-    't2t_vit_19.in1k_ft_cifar10': dict(file='cifar10_t2t-vit_19_98.4.pth', top1=98.4, dataset='CIFAR-10', **_CIFAR10),
-    't2t_vit_19.in1k_ft_cifar100': dict(file='cifar100_t2t-vit-19_89.0.pth', top1=89.0, dataset='CIFAR-100',
-                                        **_CIFAR100),
-    't2t_vit_24.in1k': _in1k('t2t_vit_24', '82.3_T2T_ViT_24.pth.tar'),
-    't2t_vit_t_14.in1k': _in1k('t2t_vit_t_14', '81.7_T2T_ViTt_14.pth.tar'),
-    't2t_vit_t_19.in1k': _in1k('t2t_vit_t_19', '82.4_T2T_ViTt_19.pth.tar'),
-    't2t_vit_t_24.in1k': _in1k('t2t_vit_t_24', '82.6_T2T_ViTt_24.pth.tar'),
+MODELS: Dict[str, ModelEntry] = {
+    't2t_vit_7': ModelEntry(dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
+                            paper=(71.7, 4.3, 1.1), pretrained={'in1k': _in1k('71.7_T2T_ViT_7.pth.tar')}),
+    't2t_vit_10': ModelEntry(dict(embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
+                             paper=(75.2, 5.9, 1.5), pretrained={'in1k': _in1k('75.2_T2T_ViT_10.pth.tar')}),
+    't2t_vit_12': ModelEntry(dict(embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0, **_PERFORMER),
+                             paper=(76.5, 6.9, 1.8), pretrained={'in1k': _in1k('76.5_T2T_ViT_12.pth.tar')}),
+    't2t_vit_14': ModelEntry(dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, **_PERFORMER),
+                             paper=(81.5, 21.5, 4.8), pretrained={
+        'in1k': _in1k('81.5_T2T_ViT_14.pth.tar'),
+        'in1k_384': dict(file='83.3_T2T_ViT_14.pth.tar', top1=83.3, dataset='ImageNet-1k',
+                         input_size=(3, 384, 384), crop_pct=1.0),
+        'in1k_ft_cifar10': dict(file='cifar10_t2t-vit_14_98.3.pth', top1=98.3, **_CIFAR10),
+        'in1k_ft_cifar100': dict(file='cirfar100_t2t-vit-14_88.4.pth', top1=88.4, **_CIFAR100),  # (sic) the release's
+    }),
+    't2t_vit_19': ModelEntry(dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, **_PERFORMER),
+                             paper=(81.9, 39.2, 8.5), pretrained={
+        'in1k': _in1k('81.9_T2T_ViT_19.pth.tar'),
+        'in1k_ft_cifar10': dict(file='cifar10_t2t-vit_19_98.4.pth', top1=98.4, **_CIFAR10),
+        'in1k_ft_cifar100': dict(file='cifar100_t2t-vit-19_89.0.pth', top1=89.0, **_CIFAR100),
+    }),
+    't2t_vit_24': ModelEntry(dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, **_PERFORMER),
+                             paper=(82.3, 64.1, 13.8), pretrained={'in1k': _in1k('82.3_T2T_ViT_24.pth.tar')}),
+    't2t_vit_t_14': ModelEntry(dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, **_TRANSFORMER),
+                               paper=(81.7, 21.5, 6.1), pretrained={'in1k': _in1k('81.7_T2T_ViTt_14.pth.tar')}),
+    't2t_vit_t_19': ModelEntry(dict(embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0, **_TRANSFORMER),
+                               paper=(82.4, 39.2, 9.8), pretrained={'in1k': _in1k('82.4_T2T_ViTt_19.pth.tar')}),
+    't2t_vit_t_24': ModelEntry(dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0, **_TRANSFORMER),
+                               paper=(82.6, 64.1, 15.0), pretrained={'in1k': _in1k('82.6_T2T_ViTt_24.pth.tar')}),
+    # Table 6: ResNeXt-like (more heads) and wide-shallow structures
+    't2t_vit_14_resnext': ModelEntry(dict(embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.0, **_PERFORMER),
+                                     paper=(81.5, 21.5, 4.8)),
+    # Table 7, T2T-ViT-d768-4 (the same shape as this model)
+    't2t_vit_14_wide': ModelEntry(dict(embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.0, **_PERFORMER),
+                                  paper=(78.8, 25.0, 5.4)),
+    # small images (CIFAR, the built-in digits): 32x32 -> 32x32 -> 16x16 -> 8x8 tokens
+    't2t_vit_7_32': ModelEntry(dict(img_size=32, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0,
+                                    t2t_kernel_sizes=(3, 3, 3), t2t_strides=(1, 2, 2), t2t_paddings=(1, 1, 1),
+                                    **_PERFORMER)),
+    # `make demo`'s model: t2t_vit_7_32's geometry, narrow and shallow to train in minutes on 2 CPU cores
+    't2t_vit_lite_32': ModelEntry(dict(img_size=32, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, token_dim=16,
+                                       t2t_kernel_sizes=(3, 3, 3), t2t_strides=(1, 2, 2), t2t_paddings=(1, 1, 1),
+                                       **_PERFORMER)),
 }
 
 
+# -- views of the table: timm's pretrained cfgs, and the dicts tests and tools read ------------------
 def _cfg(**kwargs) -> Dict[str, Any]:
     return {
         'url': '',
@@ -450,20 +441,30 @@ def _first_conv(cfg: Dict[str, Any]) -> str:
             'convolution': 'tokens_to_token.soft_split0', 'patch': 'patch_embed.proj'}[mixer]
 
 
-def default_cfg_for(name: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    size = to_2tuple_int(cfg.get('img_size', 224))
-    return _cfg(input_size=(cfg.get('in_chans', 3),) + size, first_conv=_first_conv(cfg),
+def _model_cfg(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A model's own timm pretrained cfg (no weights): input size and first layer from its config."""
+    size = to_2tuple_int(config.get('img_size', 224))
+    return _cfg(input_size=(config.get('in_chans', 3),) + size, first_conv=_first_conv(config),
                 crop_pct=1.0 if size[0] < 64 else 0.9)
 
 
-def _pretrained_cfg(tag: str, release: Dict[str, Any]) -> Dict[str, Any]:
+def release_info(entry: ModelEntry, tag: str) -> Dict[str, Any]:
+    """A pretrained tag's release: ``file``, ``top1`` (the paper's when the release gives none), ``dataset``
+    and the cfg keys that differ from the model's."""
+    release = dict(entry.pretrained[tag])
+    if release.get('top1') is None:
+        release['top1'] = entry.paper[0]
+    return release
+
+
+def _tag_cfg(entry: ModelEntry, tag: str) -> Dict[str, Any]:
     """A tag's timm cfg: the release URL, read by ``T2TViT.load_pretrained`` (``custom_load``: the file is a
     reference ``.pth.tar``, not a bare state dict). timm's cfg takes no keys of its own, so the top-1 goes in
     ``description``, which export keeps."""
-    name = tag.split('.')[0]
+    release = release_info(entry, tag)
     overrides = {k: v for k, v in release.items() if k not in ('file', 'top1', 'dataset')}
     return {
-        **default_cfg_for(name, MODEL_CONFIGS[name]),
+        **_model_cfg(entry.config),
         'url': RELEASE_URL + release['file'],
         'custom_load': True,
         'description': f"top-1 {release['top1']}% on {release['dataset']} (the authors' release {release['file']})",
@@ -473,11 +474,12 @@ def _pretrained_cfg(tag: str, release: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-_TAGGED = {tag.split('.')[0] for tag in PRETRAINED}
-default_cfgs = generate_default_cfgs({
-    **{name: default_cfg_for(name, cfg) for name, cfg in MODEL_CONFIGS.items() if name not in _TAGGED},
-    **{tag: _pretrained_cfg(tag, release) for tag, release in PRETRAINED.items()},
-})
+def table_cfgs(table: Dict[str, ModelEntry]) -> Dict[str, Any]:
+    """timm's ``default_cfgs`` of a model table: each tag's cfg, or the model's own where it has no tag
+    (the first tag listed is the model's default)."""
+    untagged = {name: _model_cfg(e.config) for name, e in table.items() if not e.pretrained}
+    tagged = {f'{name}.{tag}': _tag_cfg(e, tag) for name, e in table.items() for tag in e.pretrained}
+    return generate_default_cfgs({**untagged, **tagged})
 
 
 def _num_feature_stages(model_cls, kwargs) -> int:
@@ -485,18 +487,17 @@ def _num_feature_stages(model_cls, kwargs) -> int:
 
 
 def create_t2t_vit(variant: str, pretrained: bool = False, model_cls=T2TViT,
-                   configs: Optional[Dict[str, Dict[str, Any]]] = None, **kwargs) -> nn.Module:
-    """Build a registered variant: its entry in ``configs`` (default ``MODEL_CONFIGS``), overridden by ``kwargs``.
+                   config: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
+    """Build a registered variant: its table entry's ``config`` (default ``MODELS[variant]``), overridden by ``kwargs``.
 
     ``device`` and ``dtype`` are timm's factory arguments: every parameter and buffer is created on
     ``device`` (``'meta'`` allocates nothing) and the model is then cast to ``dtype``.
     """
-    model_args = {**(MODEL_CONFIGS if configs is None else configs)[variant], **kwargs}
+    model_args = {**(MODELS[variant].config if config is None else config), **kwargs}
     out_indices = model_args.pop('out_indices', (0, 1, -1))
     if pretrained:
         # fetched here, so that a missing file and no network end in one line that says where to put it;
         # timm then finds it in its cache and hands it to ``T2TViT.load_pretrained``
-        from ..checkpoint import fetch_pretrained
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
         fetch_pretrained(cfg.to_dict(), cache_dir=kwargs.get('cache_dir'))
     device, dtype = model_args.pop('device', None), model_args.pop('dtype', None)
@@ -510,28 +511,34 @@ def create_t2t_vit(variant: str, pretrained: bool = False, model_cls=T2TViT,
     return model if dtype is None else model.to(dtype=dtype)
 
 
-def _entry_point(name: str, configs: dict[str, dict[str, Any]], model_cls: type[T2TViT]):
+def _entry_point(name: str, entry: ModelEntry):
+    model_cls = entry.model_cls or T2TViT
+
     def fn(pretrained: bool = False, **kwargs) -> T2TViT:
-        return create_t2t_vit(name, pretrained=pretrained, model_cls=model_cls, configs=configs, **kwargs)
+        return create_t2t_vit(name, pretrained=pretrained, model_cls=model_cls, config=entry.config, **kwargs)
     fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f'{name}: {configs[name]}'
+    fn.__doc__ = f'{name}: {entry.config}'
     return fn
 
 
-def register_models(module_name: str, configs: dict[str, dict[str, Any]],
-                    model_classes: dict[str, type[T2TViT]] | None = None) -> None:
-    """Register one timm entry point per entry of ``configs`` (class ``T2TViT`` unless ``model_classes`` names one).
+def register_models(module_name: str, table: Dict[str, ModelEntry]) -> None:
+    """Register one timm entry point per entry of ``table``, and the entry in :mod:`t2tvit.registry`.
 
     timm files each model under the module its entry point claims (``timm.list_models(module=...)``) and takes
-    its pretrained config from that module's ``default_cfgs``, so the entry points become functions of
-    ``module_name``, the module that holds the table.
+    its pretrained config from that module's ``default_cfgs`` (:func:`table_cfgs`), so the entry points become
+    functions of ``module_name``, the module that holds the table.
     """
     module = sys.modules[module_name]
-    for name in configs:
-        fn = _entry_point(name, configs, (model_classes or {}).get(name, T2TViT))
+    for name, entry in table.items():
+        fn = _entry_point(name, entry)
         fn.__module__ = module_name
         setattr(module, name, register_model(fn))
+        register_entry(name, entry)
 
 
+MODEL_CONFIGS = {name: e.config for name, e in MODELS.items()}
+PAPER_RESULTS = {name: e.paper for name, e in MODELS.items() if e.paper is not None}
+PRETRAINED = {f'{name}.{tag}': release_info(e, tag) for name, e in MODELS.items() for tag in e.pretrained}
+default_cfgs = table_cfgs(MODELS)
 # one loop registers every variant of the table (timm reads ``default_cfgs`` above)
-register_models(__name__, MODEL_CONFIGS)
+register_models(__name__, MODELS)
