@@ -215,11 +215,11 @@ def _quiet_rank() -> bool:
     return env_rank() != 0
 
 
-def _fit(command: str, args) -> int:
-    """Run ``fit``; only rank 0 prints errors and the how-to-resume line."""
+def _run_training(command: str, args) -> int:
+    """Run ``engine.train``; only rank 0 prints errors and the how-to-resume line."""
     import signal as _signal
     from .engine.distributed import launched_by_torchrun
-    from .engine.train import Interrupted, fit
+    from .engine.train import Interrupted, train
     try:
         cfg = _run_config(command, args)
         if getattr(args, 'pretrained', False):
@@ -229,7 +229,7 @@ def _fit(command: str, args) -> int:
             cfg = dataclasses.replace(cfg, model=tag.split('.')[0], checkpoint=path)
         if command == 'finetune' and not cfg.checkpoint:
             raise UserError('finetune needs --checkpoint PATH or --pretrained (the pretrained weights)')
-        result = fit(cfg)
+        result = train(cfg)
     except UserError:
         if _quiet_rank():
             return UserError.exit_code
@@ -357,7 +357,7 @@ def _add_run_flags(p, finetune: bool):
 
 
 def _run_train(args) -> int:
-    return _fit('train', args)
+    return _run_training('train', args)
 
 
 def _add_train(sub):
@@ -366,7 +366,7 @@ def _add_train(sub):
 
 
 def _run_finetune(args) -> int:
-    return _fit('finetune', args)
+    return _run_training('finetune', args)
 
 
 def _add_finetune(sub):
