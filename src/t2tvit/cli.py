@@ -473,7 +473,10 @@ def _run_convert(args) -> int:
 
 def _add_convert(sub):
     p = _command(sub, 'convert', 'rewrite a checkpoint (any layout t2tvit reads) for the reference code or as '
-                 "t2tvit's safetensors file", _run_convert)
+                 "t2tvit's safetensors file", _run_convert,
+                 parents=[_shared(model={'help': 'registered model name, or NAME.TAG (needed when IN does not name '
+                                                 'its model; a tag brings its preprocessing and class names to --to '
+                                                 'hf)'})])
     p.add_argument('input', metavar='IN', nargs='?', help='reference .pth.tar, CIFAR transfer file, state dict, '
                    'PASSL .pdparams, t2tvit .safetensors or a training checkpoint (or --pretrained)')
     p.add_argument('output', metavar='OUT', help='the file to write (--to hf: a folder)')
@@ -482,8 +485,6 @@ def _add_convert(sub):
                         't2tvit: safetensors with the model config in its metadata; hf: a folder as timm\'s hub '
                         "export writes it (config.json + model.safetensors), for timm.create_model('local-dir:OUT', "
                         'pretrained=True) or push_to_hf_hub')
-    p.add_argument('--model', help='registered model name, or NAME.TAG (needed when IN does not name its model; '
-                   'a tag brings its preprocessing and class names to --to hf)')
     p.add_argument('--pretrained', action='store_true', help=_PRETRAINED_HELP + ', instead of IN')
     p.add_argument('--no-ema', action='store_true', help='--to t2tvit / hf: write the raw weights, not the EMA')
 
