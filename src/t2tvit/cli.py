@@ -42,6 +42,8 @@ def _field_flag(p, name: str, **overrides):
     f = FIELDS[name]
     flag, names = f.metadata['flag'], f.metadata['flag'].option_strings(name)
     kw = {'dest': name, 'default': S, 'help': f.metadata['help'], **overrides}
+    if 'help' not in overrides and kw['default'] is not S and flag.switch != 'off':
+        kw['help'] = _with_default(kw['help'], kw['default'])
     kw['help'] = kw['help'].replace('%', '%%')
     if not flag.switch:
         kw = {'type': field_type(name), 'choices': f.metadata['choices'], 'metavar': flag.metavar, **kw}
@@ -324,7 +326,8 @@ def _add_run_flags(p, command: str):
         if flag is None or command not in flag.commands:
             continue
         group = groups.get(flag.group) or groups.setdefault(flag.group, p.add_argument_group(flag.group))
-        _field_flag(group, name, help=_with_default(f.metadata['help'], getattr(base, name)))
+        shown = f.metadata['help'] if flag.switch == 'off' else _with_default(f.metadata['help'], getattr(base, name))
+        _field_flag(group, name, help=shown)
 
 
 def _with_default(help: str, value) -> str:

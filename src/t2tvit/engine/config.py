@@ -180,7 +180,7 @@ class RunConfig:
     amp: Optional[bool] = setting(None, 'autocast (bf16 where supported, else fp16); --no-amp: fp32; unset: '
                                   'autocast on CUDA only', finetune=False, flag=_flag(switch='both'))
     amp_dtype: str = setting('auto', 'autocast dtype (auto: bf16 where supported, else fp16)', choices=AMP_DTYPES)
-    progress: bool = setting(True, 'progress bars (--no-progress: none; the per-epoch lines stay)',
+    progress: bool = setting(True, 'no progress bars (the per-epoch lines stay)',
                              flag=_flag(switch='off'))
 
     def to_dict(self) -> Dict[str, Any]:
