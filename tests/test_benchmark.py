@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from t2tvit.analysis.benchmark import JSON_KEYS, BenchmarkConfig, run_pair, speedup
+from t2tvit.analysis.benchmark import JSON_KEYS, BenchmarkConfig, BenchmarkResult, run_pair, speedup
 from t2tvit.cli import main
 
 SMALL = ['--model', 't2t_vit_7', '--img-size', '32', '-b', '2', '--steps', '2', '--warmup', '1']
@@ -56,7 +56,19 @@ def test_pairs_alternate_and_report_a_speedup():
     b = BenchmarkConfig('t2t_vit_7', batch=2, img_size=32, steps=2, warmup=1, attn='naive')
     ra, rb = run_pair(a, b, memory=False)
     assert len(ra.step_ms) == len(rb.step_ms) == 2
-    assert speedup(ra, rb) > 0
+    assert ra.config.attn == 'sdpa' and rb.config.attn == 'naive'
+
+
+def test_speedup_is_the_median_of_per_round_ratios():
+    """B's step time over A's round by round, then the median: a slow round (here the second, where the
+    machine was busy for both) moves neither setting against the other, unlike a ratio of medians (1.0 here)."""
+    def result(step_ms):
+        return BenchmarkResult(BenchmarkConfig('t2t_vit_7'), 224, step_ms, 1.0, [1.0] * len(step_ms))
+
+    a, b = result([10.0, 40.0, 20.0]), result([20.0, 120.0, 20.0])  # rounds: 2x, 3x, 1x faster
+    assert speedup(a, b) == 2.0
+    assert speedup(b, a) == 0.5
+    assert speedup(a, a) == 1.0
 
 
 def test_user_mistakes_end_in_one_line(capsys):

@@ -66,20 +66,8 @@ def test_more_than_one_percent_undecodable_aborts(capsys, tmp_path):
     _fails(
         capsys,
         [
-            'train',
-            str(root),
-            *TINY,
-            *QUICK,
-            '-b',
-            '13',
-            '--mixup',
-            '0',
-            '--cutmix',
-            '0',
-            '--epochs',
-            '1',
-            '--output',
-            str(tmp_path / 'o'),
+            'train', str(root), *TINY, *QUICK, '-b', '13', '--mixup', '0', '--cutmix', '0', '--epochs', '1',
+            '--output', str(tmp_path / 'o')
         ],
         'failed to decode',
         'broken.png',
@@ -92,22 +80,8 @@ def test_a_few_undecodable_images_are_skipped_and_reported(capsys, tmp_path):
     capsys.readouterr()
     code = main(
         [
-            'train',
-            str(root),
-            *TINY,
-            *QUICK,
-            '-b',
-            '11',
-            '--epochs',
-            '1',
-            '--img-size',
-            '32',
-            '--mixup',
-            '0',
-            '--cutmix',
-            '0',
-            '--output',
-            str(tmp_path / 'o'),
+            'train', str(root), *TINY, *QUICK, '-b', '11', '--epochs', '1', '--img-size', '32', '--mixup', '0',
+            '--cutmix', '0', '--output', str(tmp_path / 'o')
         ]
     )
     out = capsys.readouterr().out
@@ -202,16 +176,7 @@ def test_cifar_not_on_disk(capsys, tmp_path):
 def test_resume_of_another_model_is_refused(capsys, checkpoint, folder, tmp_path):
     _fails(
         capsys,
-        [
-            'train',
-            str(folder),
-            '--model',
-            't2t_vit_7',
-            '--resume',
-            str(checkpoint),
-            '--output',
-            str(tmp_path / 'o'),
-        ],
+        ['train', str(folder), '--model', 't2t_vit_7', '--resume', str(checkpoint), '--output', str(tmp_path / 'o')],
         'checkpoint is for model t2t_vit_7_32',
     )
 

@@ -19,37 +19,15 @@ from train_helpers import (
 # no randomness that depends on the process: no augmentation, mixup, drop-path or dropout
 # (a Transformer T2T: the Performer's fixed dropout would draw per rank)
 DETERMINISTIC = [
-    '--augment',
-    'none',
-    '--mixup',
-    '0',
-    '--cutmix',
-    '0',
-    '--drop-path',
-    '0',
-    '--smoothing',
-    '0.1',
-    '--model-kwargs',
-    'embed_dim=32',
-    'depth=1',
-    'num_heads=2',
-    'token_dim=16',
-    'token_mixer=transformer',
+    '--augment', 'none', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--smoothing', '0.1', '--model-kwargs',
+    'embed_dim=32', 'depth=1', 'num_heads=2', 'token_dim=16', 'token_mixer=transformer'
 ]
 
 
 def _torchrun(args, cwd, nproc=2):
     cmd = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--nproc_per_node',
-        str(nproc),
-        '--master_port',
-        str(free_port()),
-        '-m',
-        't2tvit',
-        *args,
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), '--master_port',
+        str(free_port()), '-m', 't2tvit', *args
     ]
     return subprocess.run(
         cmd, check=False, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300
@@ -64,21 +42,8 @@ def folder(tmp_path_factory):
 def _args(folder, out, batch):
     tiny = [a for a in TINY if a not in TINY[2:]]  # --model only; the kwargs come with DETERMINISTIC
     return [
-        'train',
-        str(folder),
-        *tiny,
-        *QUICK,
-        *DETERMINISTIC,
-        '--epochs',
-        '1',
-        '-b',
-        str(batch),
-        '--lr',
-        '1e-3',
-        '--model-ema-decay',
-        '0.9',
-        '--output',
-        str(out),
+        'train', str(folder), *tiny, *QUICK, *DETERMINISTIC, '--epochs', '1', '-b', str(batch), '--lr', '1e-3',
+        '--model-ema-decay', '0.9', '--output', str(out)
     ]
 
 

@@ -46,13 +46,72 @@ def test_readme_model_table_is_what_the_code_counts():
     assert table == markdown_table(model_rows()).strip()
 
 
-def test_readme_benchmark_table_is_the_measured_one():
-    """README's benchmark section is benchmarks/RESULTS.md as compare.py wrote it, not edited by hand."""
+def test_readme_benchmark_table_is_results_md():
+    """README's benchmark section is benchmarks/RESULTS.md as compare.py writes it (``--readme``), not a copy
+    edited apart from it. Whether RESULTS.md's numbers were measured, only rerunning compare.py can tell; what
+    a test can check is that every verdict agrees with its numbers (below)."""
     start, end = '<!-- bench-table:start -->', '<!-- bench-table:end -->'
     section = README[README.index(start) + len(start):README.index(end)].strip()
     results = (ROOT / 'benchmarks' / 'RESULTS.md').read_text().strip()
     assert section == results
     assert '| comparison | measure |' in section and 'Machine:' in section
+
+
+def _compare_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('compare', ROOT / 'benchmarks' / 'compare.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _number(text: str):
+    m = re.search(r'(-?\d+(?:\.\d+)?)\s*(x|%)', text)
+    return None if m is None else float(m.group(1)) / (100 if m.group(2) == '%' else 1)
+
+
+def _verdict_errors(table: str, met_rule) -> tuple:
+    """(rows whose ``met`` or memory ratio disagrees with their own numbers, rows checked)."""
+    errors, checked = [], 0
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if len(cells) != 7 or cells[0] == 'comparison' or set(cells[0]) <= {'-'}:
+            continue
+        comparison, measure, a, b, ratio, target, met = cells
+        if measure == 'peak memory of a step':
+            mb = [float(re.search(r'(\d+(?:\.\d+)?) MB', x).group(1)) for x in (a, b)]
+            checked += 1
+            if abs(mb[0] / mb[1] - _number(ratio)) > 0.01:
+                errors.append(f'{comparison}: {a} / {b} is not {ratio}')
+        bound = re.fullmatch(r'(>=|<=) (\d+(?:\.\d+)?)(x|%)', target)
+        value = _number(ratio) if _number(ratio) is not None else _number(a)
+        if bound and value is not None:
+            limit = float(bound.group(2)) / (100 if bound.group(3) == '%' else 1)
+            expected = met_rule(value, limit, bound.group(1) == '>=') if round(value - limit, 6) else met
+        elif target == 'finite':
+            expected = 'yes' if all(abs(float(x)) < float('inf') for x in re.findall(r'loss (\S+)', a)) else 'no'
+        elif target == 'all':
+            k, n = re.search(r'(\d+)/(\d+)', a).groups()
+            expected = 'yes' if k == n else 'no'
+        else:
+            continue
+        checked += 1
+        if met != expected:
+            errors.append(f'{comparison} / {measure}: {ratio or a} against {target} says {met!r}, not {expected!r}')
+    return errors, checked
+
+
+@pytest.mark.parametrize('name', ['RESULTS.md', 'RESULTS_low_precision.md'])
+def test_benchmark_verdicts_follow_from_their_numbers(name):
+    """A number edited by hand (or a target moved) without its verdict: the table contradicts itself."""
+    table = (ROOT / 'benchmarks' / name).read_text()
+    errors, checked = _verdict_errors(table, _compare_module()._met)
+    assert not errors, errors
+    assert checked >= 5, f'{name}: only {checked} rows could be checked'
+    # the check itself: a ratio edited past its target is caught
+    edited = table.replace('| 1.47x faster | >= 1.8x | no |', '| 1.87x faster | >= 1.8x | no |', 1)
+    if edited != table:
+        assert _verdict_errors(edited, _compare_module()._met)[0]
 
 
 def _lines_of(command: str):

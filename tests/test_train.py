@@ -4,9 +4,6 @@ import csv
 import json
 import math
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,7 +12,16 @@ import torch
 
 from t2tvit.cli import main
 from t2tvit.engine.config import shipped_presets
-from train_helpers import QUICK, TINY, assert_same_tensors, load, subprocess_env, write_folder
+from train_helpers import (
+    QUICK,
+    TINY,
+    assert_same_tensors,
+    load,
+    run_cli,
+    run_cli_signalled_at_step,
+    subprocess_env,
+    write_folder,
+)
 
 
 @pytest.fixture(scope='module')
@@ -29,20 +35,8 @@ def trained(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp('runs') / 'shapes'
     code = main(
         [
-            'train',
-            str(folder),
-            *TINY,
-            *QUICK,
-            '--epochs',
-            '2',
-            '-b',
-            '4',
-            '--lr',
-            '1e-3',
-            '--output',
-            str(out),
-            '--model-ema-decay',
-            '0.9',
+            'train', str(folder), *TINY, *QUICK, '--epochs', '2', '-b', '4', '--lr', '1e-3', '--output', str(out),
+            '--model-ema-decay', '0.9'
         ]
     )
     assert code == 0
@@ -97,16 +91,7 @@ def test_validate_reproduces_the_training_evaluation(trained, folder, capsys):
     capsys.readouterr()
     assert (
         main(
-            [
-                'validate',
-                str(folder),
-                '--checkpoint',
-                str(trained / 'best.pth'),
-                '--json',
-                '--no-progress',
-                '-j',
-                '0',
-            ]
+            ['validate', str(folder), '--checkpoint', str(trained / 'best.pth'), '--json', '--no-progress', '-j', '0']
         )
         == 0
     )
@@ -128,16 +113,7 @@ def test_predict_names_the_classes_of_the_checkpoint(trained, folder, capsys, tm
     capsys.readouterr()
     assert (
         main(
-            [
-                'predict',
-                str(gray),
-                str(rgba),
-                '--checkpoint',
-                str(trained / 'best.pth'),
-                '--topk',
-                '3',
-                '--json',
-            ]
+            ['predict', str(gray), str(rgba), '--checkpoint', str(trained / 'best.pth'), '--topk', '3', '--json']
         )
         == 0
     )
@@ -155,22 +131,8 @@ def test_finetune_keeps_the_backbone_and_sizes_a_new_head(trained, tmp_path):
     # backbone lr = lr x 0 keeps the pretrained weights exactly: they must be the source's
     code = main(
         [
-            'finetune',
-            str(data),
-            '--checkpoint',
-            str(trained / 'best.pth'),
-            *TINY,
-            *QUICK,
-            '--img-size',
-            '48',
-            '--epochs',
-            '1',
-            '-b',
-            '4',
-            '--transfer-ratio',
-            '0',
-            '--output',
-            str(out),
+            'finetune', str(data), '--checkpoint', str(trained / 'best.pth'), *TINY, *QUICK, '--img-size', '48',
+            '--epochs', '1', '-b', '4', '--transfer-ratio', '0', '--output', str(out)
         ]
     )
     assert code == 0
@@ -191,24 +153,8 @@ def test_train_and_validate_on_builtin_digits(tmp_path, capsys):
     assert (
         main(
             [
-                'train',
-                *TINY,
-                *QUICK,
-                '--epochs',
-                '1',
-                '-b',
-                '64',
-                '--lr',
-                '2e-3',
-                '--mixup',
-                '0',
-                '--cutmix',
-                '0',
-                '--augment',
-                'none',
-                '--no-model-ema',
-                '--output',
-                str(out),
+                'train', *TINY, *QUICK, '--epochs', '1', '-b', '64', '--lr', '2e-3', '--mixup', '0', '--cutmix', '0',
+                '--augment', 'none', '--no-model-ema', '--output', str(out)
             ]
         )
         == 0
@@ -229,22 +175,8 @@ def test_train_and_validate_on_builtin_digits(tmp_path, capsys):
 def _resume_args(folder, out):
     # everything random on: RandAugment, erasing, mixup/cutmix, drop-path, the Performer's dropout, EMA
     return [
-        'train',
-        str(folder),
-        *TINY,
-        *QUICK,
-        '--epochs',
-        '3',
-        '-b',
-        '4',
-        '--lr',
-        '1e-3',
-        '--drop-path',
-        '0.1',
-        '--output',
-        str(out),
-        '--model-ema-decay',
-        '0.9',
+        'train', str(folder), *TINY, *QUICK, '--epochs', '3', '-b', '4', '--lr', '1e-3', '--drop-path', '0.1',
+        '--output', str(out), '--model-ema-decay', '0.9'
     ]
 
 
@@ -303,67 +235,21 @@ def test_memory_options_train_the_same_weights(folder, tmp_path, flags, key, val
 def test_sigterm_mid_epoch_saves_and_resume_matches(tmp_path):
     """SIGTERM: last.pth at the end of the current step, exit 143, a resume line; the resumed run is exact."""
     folder = write_folder(tmp_path / 'data', train=40, val=2)  # 60 steps of batch 2 per epoch
-    args = [
-        'train',
-        str(folder),
-        *TINY,
-        *QUICK,
-        '--epochs',
-        '2',
-        '-b',
-        '2',
-        '--lr',
-        '1e-3',
-        '--augment',
-        'timm',
-        '--model-ema-decay',
-        '0.9',
-    ]
-    env = subprocess_env()
-    ref = subprocess.run(
-        [sys.executable, '-m', 't2tvit', *args, '--output', str(tmp_path / 'ref')],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ['train', str(folder), *TINY, *QUICK, '--epochs', '2', '-b', '2', '--lr', '1e-3', '--augment', 'timm',
+            '--model-ema-decay', '0.9']
+    ref = run_cli([*args, '--output', str(tmp_path / 'ref')], cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     out = tmp_path / 'run'
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 't2tvit', *args, '--output', str(out)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    deadline = time.time() + 120
-    while not any(line.startswith('training ') for line in lines) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # a few steps into the first epoch
-    proc.send_signal(signal.SIGTERM)
-    stderr = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143, stderr[-2000:]
-    assert 'Traceback' not in stderr
-    assert 'resume with:' in stderr and '--resume auto' in stderr
+    stopped = run_cli_signalled_at_step(5, signal.SIGTERM, [*args, '--output', str(out)], cwd=tmp_path)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert 'Traceback' not in stopped.stderr
+    assert 'interrupted by SIGTERM in epoch 1 after 5 batches' in stopped.stderr, stopped.stderr[-2000:]
+    assert 'resume with:' in stopped.stderr and '--resume auto' in stopped.stderr
     ckpt = load(out / 'last.pth')
-    assert ckpt['epoch'] == 0 and 0 < ckpt['progress']['batches_done'] < 60  # mid-epoch
+    assert ckpt['epoch'] == 0 and ckpt['step'] == 5 and ckpt['progress']['batches_done'] == 5  # the signal's step
 
-    resumed = subprocess.run(
-        [sys.executable, '-m', 't2tvit', *args, '--output', str(out), '--resume', 'auto'],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = run_cli([*args, '--output', str(out), '--resume', 'auto'], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load(tmp_path / 'ref' / 'last.pth'), load(out / 'last.pth')
     for key in ('model', 'ema', 'optimizer', 'step', 'epoch'):
@@ -377,41 +263,16 @@ def test_soft_and_hard_distillation_train(trained, folder, tmp_path):
     torch.save(teacher.state_dict(), tmp_path / 'resnet.pth')
     runs = {
         'soft': [
-            '--teacher',
-            't2t_vit_7_32',
-            '--teacher-checkpoint',
-            str(trained / 'best.pth'),
-            '--distill',
-            'soft',
-            '--distill-tau',
-            '2',
+            '--teacher', 't2t_vit_7_32', '--teacher-checkpoint', str(trained / 'best.pth'), '--distill', 'soft',
+            '--distill-tau', '2'
         ],
-        'hard': [
-            '--teacher',
-            'resnet10t',
-            '--teacher-checkpoint',
-            str(tmp_path / 'resnet.pth'),
-            '--distill',
-            'hard',
-        ],
+        'hard': ['--teacher', 'resnet10t', '--teacher-checkpoint', str(tmp_path / 'resnet.pth'), '--distill', 'hard'],
     }
     for mode, extra in runs.items():
         out = tmp_path / mode
         assert (
             main(
-                [
-                    'train',
-                    str(folder),
-                    *TINY,
-                    *QUICK,
-                    '--epochs',
-                    '1',
-                    '-b',
-                    '4',
-                    '--output',
-                    str(out),
-                    *extra,
-                ]
+                ['train', str(folder), *TINY, *QUICK, '--epochs', '1', '-b', '4', '--output', str(out), *extra]
             )
             == 0
         ), mode

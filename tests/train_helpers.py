@@ -77,6 +77,34 @@ def run_cli(args: List[str], cwd: Path, timeout: float = 300, **kw) -> subproces
     )
 
 
+# ``python -m t2tvit ARGS`` whose process signals itself from inside the loss of step N: the handler's flag is
+# read at the end of that step, so the run stops after exactly N batches, however fast the machine is
+_SIGNAL_AT_STEP = """
+import os, sys
+from t2tvit.engine import builders
+real, step, signum = builders.build_train_loss, int(sys.argv[1]), int(sys.argv[2])
+
+def counted(cfg, mixup):
+    base, calls = real(cfg, mixup), [0]
+
+    def loss(outputs, targets):
+        calls[0] += 1
+        if calls[0] == step:
+            os.kill(os.getpid(), signum)
+        return base(outputs, targets)
+    return loss
+
+builders.build_train_loss = counted
+from t2tvit.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_cli_signalled_at_step(step: int, signum: int, args: List[str], cwd: Path, timeout: float = 300):
+    return subprocess.run([sys.executable, '-c', _SIGNAL_AT_STEP, str(step), str(int(signum)), *args], check=False,
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location='cpu', weights_only=True)
 

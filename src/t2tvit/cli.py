@@ -14,8 +14,8 @@ from .errors import UserError
 _RUNNERS: Dict[str, Callable[[argparse.Namespace], Optional[int]]] = {}
 
 
-def _command(sub, name: str, help: str, run: Callable[[argparse.Namespace], Optional[int]]):
-    p = sub.add_parser(name, help=help, description=help)
+def _command(sub, name: str, help: str, run: Callable[[argparse.Namespace], Optional[int]], parents=()):
+    p = sub.add_parser(name, help=help, description=help, parents=list(parents))
     _RUNNERS[name] = run
     return p
 
@@ -29,6 +29,47 @@ def _add_weights(p, checkpoint_help: str, required: bool = False, default=None):
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument('--checkpoint', metavar='PATH', help=checkpoint_help, default=default)
     g.add_argument('--pretrained', action='store_true', help=_PRETRAINED_HELP)
+
+
+S = argparse.SUPPRESS
+
+
+def _field_flag(p, name: str, **overrides):
+    """The flag(s) of RunConfig field ``name``, spelled as its metadata declares (engine/config.py); ``overrides``
+    are this command's default (argparse.SUPPRESS unless given: a run's unset flags leave the preset's values),
+    required or help."""
+    from .engine.config import FIELDS, field_type
+    f = FIELDS[name]
+    flag, names = f.metadata['flag'], f.metadata['flag'].option_strings(name)
+    kw = {'dest': name, 'default': S, 'help': f.metadata['help'], **overrides}
+    if 'help' not in overrides and kw['default'] is not S and flag.switch != 'off':
+        kw['help'] = _with_default(kw['help'], kw['default'])
+    kw['help'] = kw['help'].replace('%', '%%')
+    if not flag.switch:
+        kw = {'type': field_type(name), 'choices': f.metadata['choices'], 'metavar': flag.metavar, **kw}
+        return p.add_argument(*names, **kw)
+    if flag.switch in ('on', 'both'):
+        p.add_argument(*names, action='store_const', const=True, **kw)
+    if flag.switch in ('off', 'both'):
+        p.add_argument('--no-' + names[-1][2:], action='store_const', const=False,
+                       **{**kw, 'help': kw['help'] if flag.switch == 'off' else f'{names[-1]} off'})
+
+
+def _shared(model=None, img_size=None, output=None, weights=None, progress=False) -> argparse.ArgumentParser:
+    """A parent parser of the flags every command spells the same way: --model, --img-size, -o/--output (with
+    the hidden old spelling --out), --checkpoint/--pretrained, --no-progress. Each argument is None (not in
+    this command) or this command's overrides ({'required': True}, {'default': ..., 'help': ...})."""
+    p = argparse.ArgumentParser(add_help=False)
+    for name, given in (('model', model), ('img_size', img_size), ('output', output)):
+        if given is not None:
+            _field_flag(p, name, **{'default': None, **given})
+    if output is not None:
+        p.add_argument('--out', dest='output', default=S, help=S)
+    if weights is not None:
+        _add_weights(p, **weights)
+    if progress:
+        _field_flag(p, 'progress', default=True)
+    return p
 
 
 def _use_pretrained(args) -> None:
@@ -99,11 +140,11 @@ def _run_visualize(args) -> int:
         pictures = [visualize.visualize_features(
             args.image, args.model, checkpoint=args.checkpoint, layers=args.layers, channels=args.channels,
             img_size=args.img_size, compare=args.compare, compare_checkpoint=args.compare_checkpoint,
-            out_dir=args.out)]
+            out_dir=args.output)]
     else:
         pictures = visualize.visualize_attention(
             args.image, args.model, checkpoint=args.checkpoint, blocks=args.blocks, img_size=args.img_size,
-            out_dir=args.out)
+            out_dir=args.output)
     for picture in pictures:
         print(picture.path)
     return 0
@@ -114,14 +155,12 @@ def _add_visualize(sub):
                  _run_visualize)
     what = p.add_subparsers(dest='what', metavar='WHAT')
     what.required = True
-    common = argparse.ArgumentParser(add_help=False)
+    common = _shared(model={'required': True},
+                     img_size={'help': "render at this size instead of the model's (the paper uses 1024); the "
+                                       'position table is resized'},
+                     output={'default': 'runs/visualize', 'help': 'where the PNGs go'},
+                     weights={'checkpoint_help': 'weights to load (default: random weights)'})
     common.add_argument('image', metavar='IMAGE', help='any image PIL reads (JPEG, PNG, ...)')
-    common.add_argument('--model', required=True, help='registered model name, e.g. t2t_vit_14')
-    _add_weights(common, 'weights to load (default: random weights)')
-    common.add_argument('--img-size', type=int, metavar='PX',
-                        help="render at this size instead of the model's (the paper uses 1024); "
-                             'the position table is resized')
-    common.add_argument('-o', '--out', default='runs/visualize', metavar='DIR', help='where the PNGs go')
     f = what.add_parser('features', parents=[common], help='feature maps of T2T stages and blocks',
                         description='Feature maps reshaped from tokens, channels min-max scaled; all-zero or '
                                     "extreme channels outlined in red. Writes DIR/features.png.")
@@ -157,9 +196,8 @@ def _run_profile(args) -> int:
 def _add_profile(sub):
     p = _command(sub, 'profile', ("count a model's parameters and MACs (batch 1), beside the paper's numbers; "
                                   "params include the fixed position table and Performer features, buffers here, "
-                                  "as the reference counts them"), _run_profile)
-    p.add_argument('--model', required=True, help='registered model name, e.g. t2t_vit_14')
-    p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's, 224)")
+                                  "as the reference counts them"), _run_profile,
+                 parents=[_shared(model={'required': True}, img_size={})])
     p.add_argument('--json', action='store_true',
                    help='print {"model", "img_size", "params", "macs"} (MACs as an integer count)')
 
@@ -172,18 +210,18 @@ def _run_report(args) -> int:
     table = markdown_table(rows)
     print(table)
     both = not (args.markdown or args.png)
-    for path in write_report(rows, table, args.out, markdown=args.markdown or both, png=args.png or both):
+    for path in write_report(rows, table, args.output, markdown=args.markdown or both, png=args.png or both):
         print(path)
     return 0
 
 
 def _add_report(sub):
     p = _command(sub, 'report', "every registered model's structure, params and MACs beside the paper's "
-                 "numbers; top-1 against MACs and params like the paper's Fig. 1", _run_report)
+                 "numbers; top-1 against MACs and params like the paper's Fig. 1", _run_report,
+                 parents=[_shared(output={'default': 'runs/report', 'help': 'where the files go (default '
+                                          'runs/report); without --markdown/--png both are written'})])
     p.add_argument('--markdown', action='store_true', help='write DIR/report.md (the table)')
     p.add_argument('--png', action='store_true', help='write DIR/report.png (the plot)')
-    p.add_argument('-o', '--out', default='runs/report', metavar='DIR',
-                   help='where the files go (default runs/report); without --markdown/--png both are written')
 
 
 # -- train / finetune -----------------------------------------------------------------------------
@@ -215,11 +253,11 @@ def _quiet_rank() -> bool:
     return env_rank() != 0
 
 
-def _fit(command: str, args) -> int:
-    """Run ``fit``; only rank 0 prints errors and the how-to-resume line."""
+def _run_training(command: str, args) -> int:
+    """Run ``engine.train``; only rank 0 prints errors and the how-to-resume line."""
     import signal as _signal
     from .engine.distributed import launched_by_torchrun
-    from .engine.train import Interrupted, fit
+    from .engine.train import Interrupted, train
     try:
         cfg = _run_config(command, args)
         if getattr(args, 'pretrained', False):
@@ -229,7 +267,7 @@ def _fit(command: str, args) -> int:
             cfg = dataclasses.replace(cfg, model=tag.split('.')[0], checkpoint=path)
         if command == 'finetune' and not cfg.checkpoint:
             raise UserError('finetune needs --checkpoint PATH or --pretrained (the pretrained weights)')
-        result = fit(cfg)
+        result = train(cfg)
     except UserError:
         if _quiet_rank():
             return UserError.exit_code
@@ -269,110 +307,52 @@ def _resume_command(command: str, output: str, torchrun: bool) -> str:
     return f'{launcher} {command} --config {config} --resume auto'
 
 
-def _add_run_flags(p, finetune: bool):
-    """Flags that fill the run config (engine/config.py); unset flags leave the preset's values."""
-    S = argparse.SUPPRESS
+def _add_run_flags(p, command: str):
+    """The flags of ``command``'s run config, one per RunConfig field that declares one (engine/config.py), with
+    the command's default in its help; unset flags leave the preset's values."""
+    from .engine.config import FIELDS, defaults
+    base = defaults(command)
     p.add_argument('data', nargs='?', metavar='DATA',
                    help='DATA/train/<class>/* and DATA/val/<class>/*, or a CIFAR folder with --dataset; '
                         'omitted: the built-in digits')
-    g = p.add_argument_group('run')
-    g.add_argument('-c', '--config', metavar='YAML',
-                   help='a YAML file, or a preset NAME: ./configs/NAME.yaml if there, else the one shipped '
-                        'with t2tvit (demo, t2t_vit_14, finetune_cifar10, ...); flags override it')
-    g.add_argument('--model', default=S, help='registered model name, e.g. t2t_vit_14')
-    g.add_argument('--model-kwargs', nargs='+', metavar='KEY=VALUE',
-                   help='extra model arguments, e.g. depth=4')
-    g.add_argument('--dataset', default=S, choices=['folder', 'cifar10', 'cifar100', 'digits'],
-                   help='folder (default with DATA), cifar10/cifar100 python archives in DATA, digits')
-    g.add_argument('--img-size', type=int, default=S, metavar='PX', help="input size (default: the model's)")
-    g.add_argument('-o', '--output', default=S, metavar='DIR',
-                   help=f"checkpoints, metrics (default runs/{'finetune' if finetune else 'train'})")
-    g.add_argument('--resume', default=S, metavar='PATH|auto', help='continue a run; auto: OUTPUT/last.pth')
-    g.add_argument('--overwrite', action='store_const', const=True, default=S,
-                   help='replace the run already in OUTPUT')
-    g.add_argument('--stop-after-epochs', type=int, default=S, metavar='K',
-                   help='end after K epochs as an interruption would (the schedule still follows --epochs)')
-    g.add_argument('--seed', type=int, default=S)
-    g.add_argument('-j', '--workers', type=int, default=S, help='data loader processes per rank (default 4)')
-    g.add_argument('--device', default=S, help='cuda, cuda:1, cpu (default: cuda if available)')
-    g.add_argument('--amp', action='store_const', const=True, default=S,
-                   help='autocast (bf16 where supported, else fp16); default: ' +
-                        ('off (fp32, as the reference transfer recipe)' if finetune else 'on CUDA only'))
-    g.add_argument('--no-amp', dest='amp', action='store_const', const=False, default=S, help='fp32')
-    g.add_argument('--no-progress', dest='progress', action='store_const', const=False, default=S,
-                   help='no progress bars (the per-epoch lines stay)')
-    o = p.add_argument_group('optimization')
-    o.add_argument('-b', '--batch-size', type=int, default=S, metavar='B', help='per process')
-    o.add_argument('--epochs', type=int, default=S, metavar='E',
-                   help='epochs to train, warm-up and cool-down included')
-    o.add_argument('--lr', type=float, default=S,
-                   help='for a global batch of --lr-base-size (scaled linearly)')
-    o.add_argument('--lr-base-size', type=int, default=S, metavar='N', help='0: use --lr as given')
-    o.add_argument('--opt', default=S, help="any timm optimizer (adamw, sgd, ...)")
-    o.add_argument('--weight-decay', type=float, default=S)
-    o.add_argument('--momentum', type=float, default=S)
-    o.add_argument('--clip-grad', type=float, default=S, metavar='NORM', help='clip the gradient norm')
-    o.add_argument('--sched', default=S, help='timm scheduler (cosine, step, ...)')
-    o.add_argument('--warmup-epochs', type=int, default=S, help='at most a fifth of --epochs')
-    o.add_argument('--warmup-lr', type=float, default=S)
-    o.add_argument('--min-lr', type=float, default=S)
-    o.add_argument('--cooldown-epochs', type=int, default=S,
-                   help='epochs at --min-lr at the end, at most a tenth of --epochs')
-    if finetune:
-        o.add_argument('--transfer-ratio', type=float, default=S,
-                       help='backbone lr = lr x ratio, the new head at lr (default 0.01)')
-        o.add_argument('--transfer-all', action='store_const', const=True, default=S,
-                       help='also train cls_token and the final norm (at the backbone lr); the reference '
-                            'recipe keeps them as loaded')
-    a = p.add_argument_group('augmentation and regularization')
-    a.add_argument('--augment', default=S, choices=['timm', 'pad-crop', 'none'],
-                   help='timm: random-resized crop, RandAugment, erasing; pad-crop: padded crop and flip')
-    a.add_argument('--aa', dest='auto_augment', default=S, metavar='POLICY',
-                   help='e.g. rand-m9-mstd0.5-inc1; none')
-    a.add_argument('--hflip', type=float, default=S)
-    a.add_argument('--reprob', type=float, default=S, help='random erasing probability')
-    a.add_argument('--mixup', type=float, default=S, help='mixup alpha (0: off)')
-    a.add_argument('--cutmix', type=float, default=S, help='cutmix alpha (0: off)')
-    a.add_argument('--smoothing', type=float, default=S, help='label smoothing')
-    a.add_argument('--drop', dest='drop_rate', type=float, default=S, help='dropout rate')
-    a.add_argument('--drop-path', type=float, default=S)
-    a.add_argument('--model-ema', action='store_const', const=True, default=S,
-                   help='keep an EMA of the weights')
-    a.add_argument('--no-model-ema', dest='model_ema', action='store_const', const=False, default=S)
-    a.add_argument('--model-ema-decay', type=float, default=S)
-    d = p.add_argument_group('knowledge distillation')
-    d.add_argument('--teacher', default=S, metavar='MODEL', help='any timm or t2tvit model')
-    d.add_argument('--teacher-checkpoint', default=S, metavar='PATH')
-    d.add_argument('--distill', default=S, choices=['hard', 'soft'])
-    d.add_argument('--distill-alpha', type=float, default=S, help='weight of the teacher term (default 0.5)')
-    d.add_argument('--distill-tau', type=float, default=S, help='soft distillation temperature (default 1)')
-    m = p.add_argument_group('memory')
-    m.add_argument('--grad-checkpointing', action='store_true', default=S,
-                   help='keep only the input of each T2T layer and block and rerun it in backward: the least '
-                        'memory for about 20%% more time, the same weights')
-    m.add_argument('--activations', default=S, choices=['lean', 'plain'],
-                   help='lean (default): keep the inputs of LayerNorm and GELU for backward and recompute their '
-                        'outputs, the same weights in less memory; plain: keep the outputs (a few %% faster on '
-                        'small models, whose memory is no concern)')
+    groups = {'run': p.add_argument_group('run')}
+    groups['run'].add_argument('-c', '--config', metavar='YAML',
+                               help='a YAML file, or a preset NAME: ./configs/NAME.yaml if there, else the one '
+                                    'shipped with t2tvit (demo, t2t_vit_14, finetune_cifar10, ...); flags override it')
+    groups['run'].add_argument('--model-kwargs', nargs='+', metavar='KEY=VALUE',
+                               help=FIELDS['model_kwargs'].metadata['help'])
+    for name, f in FIELDS.items():
+        flag = f.metadata['flag']
+        if flag is None or command not in flag.commands:
+            continue
+        group = groups.get(flag.group) or groups.setdefault(flag.group, p.add_argument_group(flag.group))
+        shown = f.metadata['help'] if flag.switch == 'off' else _with_default(f.metadata['help'], getattr(base, name))
+        _field_flag(group, name, help=shown)
+
+
+def _with_default(help: str, value) -> str:
+    if isinstance(value, bool):
+        return f"{help} (default {'on' if value else 'off'})"
+    return help if value in (None, '') else f'{help} (default {value})'
 
 
 def _run_train(args) -> int:
-    return _fit('train', args)
+    return _run_training('train', args)
 
 
 def _add_train(sub):
     p = _command(sub, 'train', "train from scratch; defaults are the paper's ImageNet recipe", _run_train)
-    _add_run_flags(p, finetune=False)
+    _add_run_flags(p, 'train')
 
 
 def _run_finetune(args) -> int:
-    return _fit('finetune', args)
+    return _run_training('finetune', args)
 
 
 def _add_finetune(sub):
     p = _command(sub, 'finetune', 'transfer pretrained weights to new data (new head, resized position '
                  'table): the reference CIFAR recipe, SGD lr 0.05, 60 epochs', _run_finetune)
-    _add_run_flags(p, finetune=True)
+    _add_run_flags(p, 'finetune')
     _add_weights(p, 'pretrained weights (any layout t2tvit reads; EMA weights when present)',
                  default=argparse.SUPPRESS)
 
@@ -384,7 +364,7 @@ def _run_validate(args) -> int:
         _use_pretrained(args)
         m = validate(args.checkpoint, model_name=args.model, data=args.data, dataset=args.dataset,
                      img_size=args.img_size, crop_pct=args.crop_pct, batch_size=args.batch_size, amp=args.amp,
-                     workers=args.workers, device=args.device, progress=not args.no_progress)
+                     workers=args.workers, device=args.device, progress=args.progress)
     except UserError:
         if _quiet_rank():
             return UserError.exit_code
@@ -404,22 +384,15 @@ def _run_validate(args) -> int:
 
 def _add_validate(sub):
     p = _command(sub, 'validate', 'top-1/top-5 and loss of a checkpoint (EMA weights by default)',
-                 _run_validate)
+                 _run_validate, parents=[_shared(model={}, img_size={}, progress=True,
+                                                 weights={'checkpoint_help': 'the weights to evaluate',
+                                                          'required': True})])
     p.add_argument('data', nargs='?', metavar='DATA',
                    help='DATA/val (or DATA holding class folders), a CIFAR folder with --dataset; '
                         'omitted: the data the checkpoint was trained on')
-    p.add_argument('--model', help='registered model name (default: the one the checkpoint names)')
-    _add_weights(p, 'the weights to evaluate', required=True)
-    p.add_argument('--dataset', choices=['folder', 'cifar10', 'cifar100', 'digits'])
-    p.add_argument('--img-size', type=int, metavar='PX',
-                   help='evaluate at this size (position table resized)')
-    p.add_argument('--crop-pct', type=float, help="center-crop fraction (default: the model's)")
-    p.add_argument('-b', '--batch-size', type=int, default=100)
-    p.add_argument('--amp', action='store_const', const=True, help='autocast (default on CUDA only)')
-    p.add_argument('--no-amp', dest='amp', action='store_const', const=False)
-    p.add_argument('-j', '--workers', type=int, default=4)
-    p.add_argument('--device')
-    p.add_argument('--no-progress', action='store_true')
+    for name, default in (('dataset', None), ('crop_pct', None), ('batch_size', 100), ('amp', None),
+                          ('workers', 4), ('device', None)):
+        _field_flag(p, name, default=default)
     p.add_argument('--json', action='store_true',
                    help='print {"top1", "top5", "loss", "images", "img_per_s"}')
 
@@ -440,13 +413,11 @@ def _run_predict(args) -> int:
 
 def _add_predict(sub):
     p = _command(sub, 'predict', 'top-k classes of image files (names from the checkpoint, or ImageNet)',
-                 _run_predict)
+                 _run_predict, parents=[_shared(model={}, img_size={}, weights={
+                     'checkpoint_help': 'the weights to predict with', 'required': True})])
     p.add_argument('images', nargs='+', metavar='IMAGE')
-    p.add_argument('--model', help='registered model name (default: the one the checkpoint names)')
-    _add_weights(p, 'the weights to predict with', required=True)
     p.add_argument('--topk', type=int, default=5)
-    p.add_argument('--img-size', type=int, metavar='PX')
-    p.add_argument('--device')
+    _field_flag(p, 'device', default=None)
     p.add_argument('--json', action='store_true',
                    help='print a list of {"image", "top": [{"class", "prob"}]}')
 
@@ -462,7 +433,7 @@ def _run_demo(args) -> int:
     steps = [['train', '--config', 'demo', '--output', str(out), '--overwrite']]
     if args.epochs:
         steps[0] += ['--epochs', str(args.epochs)]
-    if args.no_progress:
+    if not args.progress:
         steps[0] += ['--no-progress']
     steps.append(['validate', '--checkpoint', str(out / 'best.pth'), '--no-progress'])
     for argv in steps:
@@ -484,10 +455,8 @@ def _run_demo(args) -> int:
 
 def _add_demo(sub):
     p = _command(sub, 'demo', 'train on the built-in digits, validate best.pth, predict held-out digits',
-                 _run_demo)
-    p.add_argument('-o', '--output', default='runs/demo', metavar='DIR')
+                 _run_demo, parents=[_shared(output={'default': 'runs/demo'}, progress=True)])
     p.add_argument('--epochs', type=int, help="override the preset's epochs (quicker, less accurate)")
-    p.add_argument('--no-progress', action='store_true')
 
 
 # -- convert --------------------------------------------------------------------------------------
@@ -507,7 +476,10 @@ def _run_convert(args) -> int:
 
 def _add_convert(sub):
     p = _command(sub, 'convert', 'rewrite a checkpoint (any layout t2tvit reads) for the reference code or as '
-                 "t2tvit's safetensors file", _run_convert)
+                 "t2tvit's safetensors file", _run_convert,
+                 parents=[_shared(model={'help': 'registered model name, or NAME.TAG (needed when IN does not name '
+                                                 'its model; a tag brings its preprocessing and class names to --to '
+                                                 'hf)'})])
     p.add_argument('input', metavar='IN', nargs='?', help='reference .pth.tar, CIFAR transfer file, state dict, '
                    'PASSL .pdparams, t2tvit .safetensors or a training checkpoint (or --pretrained)')
     p.add_argument('output', metavar='OUT', help='the file to write (--to hf: a folder)')
@@ -516,8 +488,6 @@ def _add_convert(sub):
                         't2tvit: safetensors with the model config in its metadata; hf: a folder as timm\'s hub '
                         "export writes it (config.json + model.safetensors), for timm.create_model('local-dir:OUT', "
                         'pretrained=True) or push_to_hf_hub')
-    p.add_argument('--model', help='registered model name, or NAME.TAG (needed when IN does not name its model; '
-                   'a tag brings its preprocessing and class names to --to hf)')
     p.add_argument('--pretrained', action='store_true', help=_PRETRAINED_HELP + ', instead of IN')
     p.add_argument('--no-ema', action='store_true', help='--to t2tvit / hf: write the raw weights, not the EMA')
 
@@ -548,12 +518,11 @@ def _run_benchmark(args) -> int:
 
 def _add_benchmark(sub):
     p = _command(sub, 'benchmark', 'time training or inference steps: img/s, ms/step, peak memory of a step, '
-                 'GFLOP/s against the matmul peak of this device', _run_benchmark)
-    p.add_argument('--model', required=True, help='registered model name, e.g. t2t_vit_14')
+                 'GFLOP/s against the matmul peak of this device', _run_benchmark,
+                 parents=[_shared(model={'required': True}, img_size={})])
     p.add_argument('--mode', default='infer', choices=['infer', 'train'],
                    help='infer: forward under inference_mode; train: forward, backward and AdamW step')
     p.add_argument('-b', '--batch-size', type=int, default=32, metavar='B')
-    p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
     p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16', 'int8'],
                    help='bf16/fp16 run under autocast with float32 weights; int8: the blocks and head dynamically '
                         'quantized (CPU inference)')
@@ -597,13 +566,12 @@ def _run_export(args) -> int:
 
 def _add_export(sub):
     p = _command(sub, 'export', 'write a model for deployment: ONNX, TorchScript or a torch.export program, '
-                 'checked against PyTorch on a random batch', _run_export)
-    p.add_argument('--model', help='registered model name (optional with a t2tvit checkpoint)')
-    _add_weights(p, 'weights to export (any layout `t2tvit validate` reads)')
+                 'checked against PyTorch on a random batch', _run_export,
+                 parents=[_shared(model={}, img_size={}, weights={
+                     'checkpoint_help': 'weights to export (any layout `t2tvit validate` reads)'},
+                     output={'metavar': 'OUT', 'help': 'file to write (default: MODEL.onnx, .pt, .pt2 or .xml)'})])
     p.add_argument('--format', default='onnx', choices=['onnx', 'torchscript', 'exported', 'openvino'],
                    help='openvino: OpenVINO IR (.xml + .bin), needs pip install "t2tvit[openvino]"')
-    p.add_argument('-o', '--output', metavar='OUT', help='file to write (default: MODEL.onnx, .pt, .pt2 or .xml)')
-    p.add_argument('--img-size', type=int, metavar='PX', help="square input size (default: the model's)")
     p.add_argument('--dynamic-batch', action='store_true', help='any batch size at run time (default: batch 1)')
     p.add_argument('--opset', type=int, default=18, help='ONNX opset (17 or newer; default 18)')
     p.add_argument('--no-verify', action='store_true', help='skip running the exported file against PyTorch')
@@ -615,7 +583,7 @@ def _add_export(sub):
 def _run_ablate(args) -> int:
     from .analysis.ablate import run_ablation, summary
     result = run_ablation(args.data, epochs=args.epochs, budget_minutes=args.budget_minutes, seeds=args.seeds,
-                          img_size=args.img_size, out_dir=args.out, jobs=args.jobs)
+                          img_size=args.img_size, out_dir=args.output, jobs=args.jobs)
     print(f'\n{summary(result)}\n')
     for path in result.files:
         print(path)
@@ -624,16 +592,16 @@ def _run_ablate(args) -> int:
 
 def _add_ablate(sub):
     p = _command(sub, 'ablate', "retrain the paper's ablations (Table 7) at small scale with one recipe "
-                 'over several seeds; writes ablation.csv, ablation.png and summary.md', _run_ablate)
+                 'over several seeds; writes ablation.csv, ablation.png and summary.md', _run_ablate,
+                 parents=[_shared(img_size={'help': 'default: 16 for the digits, 32 otherwise'},
+                                  output={'default': 'runs/ablate', 'help': 'where the files go'})])
     p.add_argument('data', nargs='?', metavar='DATA',
                    help='an image folder (DATA/train, DATA/val) or a CIFAR folder (default: the built-in digits)')
     p.add_argument('--epochs', type=int, default=30, help='epochs of every run, at most (default 30)')
     p.add_argument('--budget-minutes', type=float, default=10.0, metavar='M',
                    help='fewer epochs when all runs would not fit in M minutes (default 10)')
     p.add_argument('--seeds', type=int, default=3, help='seeds per model (default 3; fewer gives no spread)')
-    p.add_argument('--img-size', type=int, metavar='PX', help='default: 16 for the digits, 32 otherwise')
     p.add_argument('--jobs', type=int, metavar='N', help='runs at once (default: 2 on a CPU, 1 on a GPU)')
-    p.add_argument('-o', '--out', default='runs/ablate', metavar='DIR', help='where the files go')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -278,11 +278,11 @@ def _init_worker(threads: int) -> None:
 
 def _train_one(key: str, seed: int, overrides: dict[str, Any], counts: tuple[int, int]) -> Run:
     """One training run through the engine (in this process or a worker)."""
-    from ..engine import fit
+    from ..engine import train
     from ..engine.config import build_config
     cfg = build_config('train', overrides=overrides)
     start = time.perf_counter()
-    result = fit(cfg, log=lambda *_: None)
+    result = train(cfg, log=lambda *_: None)
     return Run(key, cfg.model, seed, cfg.epochs, int(cfg.img_size), counts[0], counts[1],
                float(result.last_metrics['top1']), float(result.best_metric), time.perf_counter() - start)
 

@@ -2,16 +2,21 @@
 
 from .config import RunConfig, build_config
 from .evaluate import evaluate, predict
-from .train import FitResult, Interrupted, TrainingDiverged, fit, train_one_epoch
+from .run import Run, build_run, restore
+from .train import FitResult, Interrupted, TrainingDiverged, fit, train, train_epoch
 
 __all__ = [
     'FitResult',
     'Interrupted',
+    'Run',
     'RunConfig',
     'TrainingDiverged',
     'build_config',
+    'build_run',
     'evaluate',
     'fit',
     'predict',
-    'train_one_epoch',
+    'restore',
+    'train',
+    'train_epoch',
 ]

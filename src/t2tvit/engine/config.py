@@ -23,99 +23,165 @@ from ..errors import UserError
 DATASETS = ('folder', 'cifar10', 'cifar100', 'digits')
 AUGMENTS = ('timm', 'pad-crop', 'none')
 DISTILL_MODES = ('hard', 'soft')
+AMP_DTYPES = ('auto', 'bfloat16', 'float16')
+ACTIVATIONS = ('lean', 'plain')
+_UNSET = object()
 
+
+@dataclass(frozen=True)
+class Flag:
+    """How a field is spelled on the command line (``t2tvit train`` / ``finetune``; cli.py reads it)."""
+
+    names: Tuple[str, ...] = ()  # option strings; () means --field-name
+    metavar: Optional[str] = None
+    group: str = 'run'  # the help section
+    switch: str = ''  # booleans: 'on' (--x), 'off' (--no-x only), 'both' (--x and --no-x)
+    commands: Tuple[str, ...] = ('train', 'finetune')  # where it is a run flag (others may declare it too)
+
+    def option_strings(self, name: str) -> Tuple[str, ...]:
+        return self.names or ('--' + name.replace('_', '-'),)
+
+
+def setting(default: Any, help: str, *, finetune: Any = _UNSET, choices: Optional[Tuple[str, ...]] = None,
+            flag: Optional[Flag] = None):
+    """A RunConfig field: its default for ``train`` (and ``finetune`` when different), help, choices, CLI flag."""
+    metadata = {'help': help, 'choices': choices, 'flag': flag}
+    if finetune is not _UNSET:
+        metadata['finetune'] = finetune
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _flag(*names: str, **kw) -> Flag:
+    return Flag(names=names, **kw)
+
+
+OPT, AUG, KD, MEM = 'optimization', 'augmentation and regularization', 'knowledge distillation', 'memory'
+
+# ``finetune=`` values are the reference transfer recipe (transfer_learning.py with the README's flags): CIFAR
+# at 224, plain (not Nesterov) SGD momentum 0.9 (timm's 'momentum'; its 'sgd' is Nesterov), lr 0.05 at batch
+# 64, wd 5e-4 on every trained tensor, cosine to 2e-4 over 60 epochs, the T2T module and the blocks at 1% of
+# the head's lr, cls_token and the final norm not trained, fp32. The others are the paper's ImageNet recipe
+# (the reference main.py and README).
 
 
 @dataclass
 class RunConfig:
     # -- what is trained on what
-    model: str = ''
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments, e.g. depth
-    data: Optional[str] = None  # DATA root; None means the built-in digits
-    dataset: Optional[str] = None  # folder | cifar10 | cifar100 | digits; None: folder if data else digits
-    img_size: Optional[int] = None  # None: the model's default
-    checkpoint: Optional[str] = None  # initial weights (finetune: the pretrained model)
+    model: str = setting('', 'registered model name, e.g. t2t_vit_14 (`t2tvit models`); with a t2tvit checkpoint, '
+                         'the one it names by default', flag=_flag('--model', metavar='NAME'))
+    model_kwargs: Dict[str, Any] = setting({}, 'extra model constructor arguments, e.g. depth=4')
+    data: Optional[str] = setting(None, 'DATA root; None: the built-in digits')
+    dataset: Optional[str] = setting(None, 'folder (default with DATA), cifar10/cifar100 python archives in DATA, '
+                                     'digits (default without DATA)', choices=DATASETS, flag=_flag())
+    img_size: Optional[int] = setting(None, "square input size (default: the model's; the position table is "
+                                      'resized)', finetune=224, flag=_flag(metavar='PX'))
+    checkpoint: Optional[str] = setting(None, 'initial weights (finetune: the pretrained model)')
 
     # -- where it goes
-    output: str = 'runs/train'
-    resume: Optional[str] = None  # 'auto' (OUTPUT/last.pth) or a path
-    overwrite: bool = False
-    stop_after_epochs: Optional[int] = None
+    output: str = setting('runs/train', 'checkpoints, metrics.csv, curves.png, config.yaml', finetune='runs/finetune',
+                          flag=_flag('-o', '--output', metavar='DIR'))
+    resume: Optional[str] = setting(None, 'continue a run; auto: OUTPUT/last.pth', flag=_flag(metavar='PATH|auto'))
+    overwrite: bool = setting(False, 'replace the run already in OUTPUT', flag=_flag(switch='on'))
+    stop_after_epochs: Optional[int] = setting(
+        None, 'end after K epochs as an interruption would (the schedule still follows --epochs)',
+        flag=_flag(metavar='K'))
 
-    # -- schedule (timm's cosine with warm-up and cool-down, stepped per epoch as in the reference).
-    # ``epochs`` is every epoch the run trains, warm-up and cool-down included: the reference's 300
-    # cosine epochs + 10 cool-down epochs at min_lr are 310. Short runs shrink the warm-up to at
-    # most a fifth of the run and the cool-down to at most a tenth (engine/builders.py: epoch_plan).
-    epochs: int = 310
-    sched: str = 'cosine'
-    warmup_epochs: int = 10
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    cooldown_epochs: int = 10
-    sched_on_updates: bool = False  # True: the schedule (warm-up included) moves every step, not every epoch
+    # -- schedule (timm's, stepped per epoch as in the reference). ``epochs`` is every epoch the run trains,
+    # warm-up and cool-down included: the reference's 300 cosine epochs + 10 cool-down epochs at min_lr are
+    # 310. Short runs shrink the warm-up and cool-down (engine/builders.py: epoch_plan).
+    epochs: int = setting(310, 'epochs to train, warm-up and cool-down included', finetune=60,
+                          flag=_flag(metavar='E', group=OPT))
+    sched: str = setting('cosine', 'timm scheduler (cosine, step, ...)', flag=_flag(group=OPT))
+    warmup_epochs: int = setting(10, 'linear warm-up from --warmup-lr, at most a fifth of --epochs', finetune=0,
+                                 flag=_flag(group=OPT))
+    warmup_lr: float = setting(1e-6, 'lr at the start of the warm-up', flag=_flag(group=OPT))
+    min_lr: float = setting(1e-5, 'lr at the end of the schedule', finetune=2e-4, flag=_flag(group=OPT))
+    cooldown_epochs: int = setting(10, 'epochs at --min-lr at the end, at most a tenth of --epochs', finetune=0,
+                                   flag=_flag(group=OPT))
+    sched_on_updates: bool = setting(False, 'the schedule (warm-up included) moves every step, not every epoch')
 
-    # -- optimizer; lr is for a global batch of lr_base_size and scales linearly (0: no scaling)
-    opt: str = 'adamw'
-    lr: float = 5e-4
-    lr_base_size: int = 512
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    clip_grad: Optional[float] = None
-    transfer_ratio: Optional[float] = None  # backbone lr = lr * transfer_ratio, head lr = lr
-    # with transfer_ratio: also train cls_token and the final norm (at the backbone lr); the reference
-    # transfer_learning.py leaves them out of the optimizer, so they keep their pretrained values
-    transfer_all: bool = False
-    batch_size: int = 64  # per process
+    # -- optimizer
+    opt: str = setting('adamw', 'any timm optimizer (adamw, sgd, momentum, ...)', finetune='momentum',
+                       flag=_flag(group=OPT))
+    lr: float = setting(5e-4, 'peak lr for a global batch of --lr-base-size (scaled linearly)', finetune=0.05,
+                        flag=_flag(group=OPT))
+    lr_base_size: int = setting(512, 'the global batch --lr is quoted for; 0: use --lr as given', finetune=64,
+                                flag=_flag(metavar='N', group=OPT))
+    weight_decay: float = setting(0.05, 'weight decay', finetune=5e-4, flag=_flag(group=OPT))
+    momentum: float = setting(0.9, 'SGD momentum', flag=_flag(group=OPT))
+    clip_grad: Optional[float] = setting(None, 'clip the gradient norm', flag=_flag(metavar='NORM', group=OPT))
+    transfer_ratio: Optional[float] = setting(None, 'backbone lr = lr x ratio, the new head at lr', finetune=0.01,
+                                              flag=_flag(group=OPT, commands=('finetune',)))
+    # the reference transfer_learning.py leaves cls_token and the final norm out of the optimizer
+    transfer_all: bool = setting(False, 'also train cls_token and the final norm (at the backbone lr); the '
+                                 'reference recipe keeps them as loaded',
+                                 flag=_flag(group=OPT, switch='on', commands=('finetune',)))
+    batch_size: int = setting(64, 'per process', flag=_flag('-b', '--batch-size', metavar='B', group=OPT))
 
     # -- augmentation and regularization
-    augment: str = 'timm'  # timm: RandAugment pipeline; pad-crop: the transfer recipe; none
-    auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1'
-    scale: Tuple[float, float] = (0.08, 1.0)
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    color_jitter: float = 0.4
-    train_interpolation: str = 'random'
-    reprob: float = 0.25
-    remode: str = 'pixel'
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = 'batch'
-    smoothing: float = 0.1
-    drop_rate: float = 0.0
-    drop_path: float = 0.1
+    augment: str = setting('timm', 'timm: random-resized crop, RandAugment, erasing; pad-crop: padded crop and '
+                           'flip (the transfer recipe); none', finetune='pad-crop', choices=AUGMENTS,
+                           flag=_flag(group=AUG))
+    auto_augment: Optional[str] = setting('rand-m9-mstd0.5-inc1', 'RandAugment policy; none: off', finetune=None,
+                                          flag=_flag('--aa', metavar='POLICY', group=AUG))
+    scale: Tuple[float, float] = setting((0.08, 1.0), 'random-resized crop: area range')
+    ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), 'random-resized crop: aspect ratio range')
+    hflip: float = setting(0.5, 'horizontal flip probability', flag=_flag(group=AUG))
+    color_jitter: float = setting(0.4, 'colour jitter strength (when RandAugment is off)')
+    train_interpolation: str = setting('random', "interpolation of the training crops ('random': bilinear or "
+                                       'bicubic)')
+    reprob: float = setting(0.25, 'random erasing probability', finetune=0.0, flag=_flag(group=AUG))
+    remode: str = setting('pixel', 'random erasing fill')
+    mixup: float = setting(0.8, 'mixup alpha (0: off)', finetune=0.0, flag=_flag(group=AUG))
+    cutmix: float = setting(1.0, 'cutmix alpha (0: off)', finetune=0.0, flag=_flag(group=AUG))
+    mixup_prob: float = setting(1.0, 'probability of mixing a batch')
+    mixup_switch_prob: float = setting(0.5, 'probability of cutmix instead of mixup when both are on')
+    mixup_mode: str = setting('batch', "timm Mixup's mode: batch, pair or elem")
+    smoothing: float = setting(0.1, 'label smoothing', finetune=0.0, flag=_flag(group=AUG))
+    drop_rate: float = setting(0.0, 'dropout rate', flag=_flag('--drop', group=AUG))
+    drop_path: float = setting(0.1, 'stochastic depth rate', flag=_flag(group=AUG))
 
-    # -- memory: rerun each T2T layer and block in backward, keeping only its input
-    grad_checkpointing: bool = False
-    # 'lean': LayerNorm/GELU outputs recomputed in backward from their kept inputs (layers/lean.py); 'plain'
-    activations: str = 'lean'
+    # -- memory
+    grad_checkpointing: bool = setting(False, 'keep only the input of each T2T layer and block and rerun it in '
+                                       'backward: the least memory for about 20% more time, the same weights',
+                                       flag=_flag(group=MEM, switch='on'))
+    activations: str = setting('lean', 'lean: keep the inputs of LayerNorm and GELU for backward and recompute their '
+                               'outputs (layers/lean.py), the same weights in less memory; plain: keep the outputs '
+                               '(a few % faster on small models, whose memory is no concern)', choices=ACTIVATIONS,
+                               flag=_flag(group=MEM))
 
     # -- evaluation preprocessing; None: the model's pretrained_cfg (CIFAR's statistics on CIFAR)
-    mean: Optional[Tuple[float, float, float]] = None
-    std: Optional[Tuple[float, float, float]] = None
-    crop_pct: Optional[float] = None
-    interpolation: Optional[str] = None
+    mean: Optional[Tuple[float, float, float]] = setting(None, 'normalisation mean')
+    std: Optional[Tuple[float, float, float]] = setting(None, 'normalisation std')
+    crop_pct: Optional[float] = setting(None, "center-crop fraction (default: the model's)", finetune=1.0,
+                                        flag=_flag(metavar='PCT', commands=()))
+    interpolation: Optional[str] = setting(None, "resize interpolation (default: the model's)", finetune='bilinear')
 
     # -- model EMA (reference: on, 0.99996)
-    model_ema: bool = True
-    model_ema_decay: float = 0.99996
-    model_ema_warmup: bool = False
+    model_ema: bool = setting(True, 'keep an EMA of the weights', finetune=False, flag=_flag(group=AUG, switch='both'))
+    model_ema_decay: float = setting(0.99996, 'EMA decay per step', flag=_flag(group=AUG))
+    model_ema_warmup: bool = setting(False, "timm ModelEmaV3's decay warm-up")
 
     # -- knowledge distillation (teacher in eval mode, no distillation token)
-    teacher: Optional[str] = None
-    teacher_checkpoint: Optional[str] = None
-    distill: Optional[str] = None  # hard | soft
-    distill_alpha: float = 0.5
-    distill_tau: float = 1.0
+    teacher: Optional[str] = setting(None, 'any timm or t2tvit model', flag=_flag(metavar='MODEL', group=KD))
+    teacher_checkpoint: Optional[str] = setting(None, "the teacher's weights (never downloaded)",
+                                                flag=_flag(metavar='PATH', group=KD))
+    distill: Optional[str] = setting(None, 'hard: the teacher\'s argmax as the target; soft: KL to its softened '
+                                     'distribution', choices=DISTILL_MODES, flag=_flag(group=KD))
+    distill_alpha: float = setting(0.5, 'weight of the teacher term', flag=_flag(group=KD))
+    distill_tau: float = setting(1.0, 'soft distillation temperature', flag=_flag(group=KD))
 
     # -- machine
-    seed: int = 42
-    workers: int = 4
-    device: Optional[str] = None  # None: cuda if available, else cpu
-    amp: Optional[bool] = None  # None: autocast on CUDA, fp32 on CPU
-    amp_dtype: str = 'auto'  # auto (bf16 where supported, else fp16) | bfloat16 | float16
-    progress: bool = True
+    seed: int = setting(42, 'seed of every random stream', flag=_flag())
+    workers: int = setting(4, 'data loader processes per rank', flag=_flag('-j', '--workers'))
+    device: Optional[str] = setting(None, 'cuda, cuda:1, cpu (default: cuda if available)', flag=_flag())
+    amp: Optional[bool] = setting(None, 'autocast (bf16 where supported, else fp16); --no-amp: fp32; unset: '
+                                  'autocast on CUDA only', finetune=False, flag=_flag(switch='both'))
+    amp_dtype: str = setting('auto', 'autocast dtype (auto: bf16 where supported, else fp16)', choices=AMP_DTYPES)
+    progress: bool = setting(True, 'no progress bars (the per-epoch lines stay)',
+                             flag=_flag(switch='off'))
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain values only (lists for tuples): YAML and ``torch.load(weights_only=True)`` read it."""
@@ -131,37 +197,14 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+FINETUNE_DEFAULTS: Dict[str, Any] = {name: f.metadata['finetune'] for name, f in FIELDS.items()
+                                     if 'finetune' in f.metadata}
 
-# The reference transfer recipe (transfer_learning.py with the README's flags): CIFAR at 224,
-# plain (not Nesterov) SGD momentum 0.9 (timm's 'momentum'; its 'sgd' is Nesterov), lr 0.05 at
-# batch 64, wd 5e-4 on every trained tensor, cosine to 2e-4 over 60 epochs, the T2T module and the
-# blocks at 1% of the head's lr, cls_token and the final norm not trained, fp32.
-FINETUNE_DEFAULTS: Dict[str, Any] = dict(
-    output='runs/finetune',
-    epochs=60,
-    sched='cosine',
-    warmup_epochs=0,
-    cooldown_epochs=0,
-    min_lr=2e-4,
-    opt='momentum',
-    lr=0.05,
-    lr_base_size=64,
-    weight_decay=5e-4,
-    momentum=0.9,
-    batch_size=64,
-    transfer_ratio=0.01,
-    img_size=224,
-    crop_pct=1.0,
-    interpolation='bilinear',
-    augment='pad-crop',
-    auto_augment=None,
-    mixup=0.0,
-    cutmix=0.0,
-    smoothing=0.0,
-    reprob=0.0,
-    model_ema=False,
-    amp=False,
-)
+
+def defaults(command: str) -> RunConfig:
+    """The defaults of ``command`` ('train' or 'finetune') before any preset or flag."""
+    cfg = RunConfig()
+    return apply(cfg, FINETUNE_DEFAULTS, 'finetune defaults') if command == 'finetune' else cfg
 
 
 def _base_type(tp) -> type:
@@ -169,6 +212,11 @@ def _base_type(tp) -> type:
     if origin is typing.Union:
         return _base_type([a for a in typing.get_args(tp) if a is not type(None)][0])
     return origin or tp
+
+
+def field_type(name: str) -> type:
+    """The plain type of field ``name`` (int for Optional[int]): what its flag parses."""
+    return _base_type(FIELDS[name].type)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -263,9 +311,7 @@ def build_config(
     command: str, preset: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None
 ) -> RunConfig:
     """The run config of ``command`` ('train' or 'finetune'): defaults < preset < overrides."""
-    cfg = RunConfig()
-    if command == 'finetune':
-        cfg = apply(cfg, FINETUNE_DEFAULTS, 'finetune defaults')
+    cfg = defaults(command)
     if preset:
         cfg = apply(cfg, read_preset(preset), f'config {find_preset(preset)}')
     if overrides:
@@ -281,10 +327,12 @@ def check(cfg: RunConfig) -> RunConfig:
             raise UserError(msg)
 
     need(bool(cfg.model), 'no model: give --model NAME or a --config preset that names one')
+    for name, f in FIELDS.items():
+        value, choices = getattr(cfg, name), f.metadata.get('choices')
+        need(value is None or not choices or value in choices,
+             f'{_spelling(name)} {value}: expected one of {", ".join(choices or ())}')
     dataset = cfg.dataset or ('folder' if cfg.data else 'digits')
-    need(dataset in DATASETS, f'--dataset {cfg.dataset}: expected one of {", ".join(DATASETS)}')
     need(dataset == 'digits' or bool(cfg.data), f'--dataset {dataset} needs DATA (the folder that holds it)')
-    need(cfg.augment in AUGMENTS, f'augment {cfg.augment!r}: expected one of {", ".join(AUGMENTS)}')
     need(cfg.epochs >= 1, f'--epochs {cfg.epochs}: must be at least 1')
     need(cfg.batch_size >= 1, f'--batch-size {cfg.batch_size}: must be at least 1')
     need(cfg.lr > 0, f'--lr {cfg.lr}: must be positive')
@@ -296,7 +344,6 @@ def check(cfg: RunConfig) -> RunConfig:
         f'--stop-after-epochs {cfg.stop_after_epochs}: must be at least 1',
     )
     need(cfg.img_size is None or cfg.img_size >= 1, f'--img-size {cfg.img_size}: must be positive')
-    need(cfg.distill in (None,) + DISTILL_MODES, f'--distill {cfg.distill}: expected hard or soft')
     need(
         not cfg.distill or bool(cfg.teacher),
         '--distill needs --teacher MODEL (and --teacher-checkpoint PATH)',
@@ -309,20 +356,21 @@ def check(cfg: RunConfig) -> RunConfig:
     need(0.0 <= cfg.distill_alpha <= 1.0, f'--distill-alpha {cfg.distill_alpha}: must be within [0, 1]')
     need(cfg.distill_tau > 0, f'--distill-tau {cfg.distill_tau}: must be positive')
     need(
-        cfg.amp_dtype in ('auto', 'bfloat16', 'float16'),
-        f'amp_dtype {cfg.amp_dtype!r}: auto, bfloat16 or float16',
-    )
-    need(
         isinstance(cfg.grad_checkpointing, bool),
         f'grad_checkpointing {cfg.grad_checkpointing!r}: true or false',
     )
-    need(cfg.activations in ('lean', 'plain'), f'activations {cfg.activations!r}: lean or plain')
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     need(
         not mixing or cfg.batch_size % 2 == 0,
         f'--batch-size {cfg.batch_size}: mixup/cutmix need an even batch size (or --mixup 0 --cutmix 0)',
     )
     return dataclasses.replace(cfg, dataset=dataset)
+
+
+def _spelling(name: str) -> str:
+    """How a user wrote field ``name``: its flag when it has one, else its YAML key."""
+    flag = FIELDS[name].metadata.get('flag')
+    return flag.option_strings(name)[-1] if flag else name
 
 
 def diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: List[str]) -> List[str]:

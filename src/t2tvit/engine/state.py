@@ -13,12 +13,14 @@ seed, epoch and image): the resumed run computes exactly what the uninterrupted 
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..checkpoint import TRAIN_FORMAT, TRAIN_FORMAT_VERSION, atomic_save
+from ..errors import UserError
 
 
 @dataclass
@@ -128,6 +130,28 @@ def checkpoint_dict(
 
 def save(ckpt: Dict[str, Any], path) -> None:
     atomic_save(ckpt, path)
+
+
+def read_training_checkpoint(path: Path, model: str, class_names: Sequence[str]) -> Dict[str, Any]:
+    """``--resume PATH``, read once: a training checkpoint of this project, of ``model``, on these classes."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'--resume {path}: not a readable checkpoint ({type(e).__name__})') from None
+    if not isinstance(ckpt, dict) or ckpt.get('format') != TRAIN_FORMAT:
+        raise UserError(
+            f'--resume {path}: not a training checkpoint of this project (to start from other '
+            f'weights use t2tvit finetune --checkpoint)'
+        )
+    trained = (ckpt.get('config') or {}).get('model')
+    if trained != model:
+        raise UserError(f'--resume {path}: the checkpoint is for model {trained}, this run is {model}')
+    if list(ckpt.get('class_names') or []) != list(class_names):
+        raise UserError(
+            f'--resume {path}: the checkpoint was trained on other classes than this data '
+            f'({len(ckpt.get("class_names") or [])} vs {len(class_names)})'
+        )
+    return ckpt
 
 
 def restore(
