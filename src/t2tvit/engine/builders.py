@@ -114,7 +114,8 @@ def data_settings(model: nn.Module, cfg) -> Dict[str, Any]:
     """img_size, mean, std, crop_pct, interpolation: the config's where given, else the model's
     (CIFAR's mean/std for CIFAR data)."""
     overrides = {k: getattr(cfg, k) for k in ('mean', 'std', 'crop_pct', 'interpolation')}
-    return resolve_preprocessing(model, overrides, dataset=cfg.dataset)
+    pre = resolve_preprocessing(model, overrides, dataset=cfg.dataset)
+    return {k: pre[k] for k in ('img_size', *overrides)}  # the run's fields; in_chans is the model's
 
 
 # -- optimization ----------------------------------------------------------------------------------------
