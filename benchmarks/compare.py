@@ -247,6 +247,9 @@ def fast_stem(opts: Options) -> list[Row]:
     a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True)
     naive = replace(a, attn='naive', fused_stem=False)
     rows = _pair_rows('fused stem vs reference path', a, naive, 'fused', 'naive', 1.25, None, memory=False)[0]
+    t14 = replace(a, model='t2t_vit_t_14')
+    rows += _pair_rows('fused stem vs reference path', t14, replace(t14, attn='naive', fused_stem=False), 'fused',
+                       'naive', 1.8, None, memory=False)[0]
     low = replace(a, dtype='bf16', cast_weights=True)
     rows += _pair_rows('bf16 weights cast once vs the reference path under bf16 autocast', low,
                        replace(naive, dtype='bf16'), 'bf16 cast', 'naive bf16', 1.5, None, memory=False)[0]
