@@ -247,6 +247,9 @@ def fast_stem(opts: Options) -> list[Row]:
     a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True)
     naive = replace(a, attn='naive', fused_stem=False)
     rows = _pair_rows('fused stem vs reference path', a, naive, 'fused', 'naive', 1.25, None, memory=False)[0]
+    t14 = replace(a, model='t2t_vit_t_14')
+    rows += _pair_rows('fused stem vs reference path', t14, replace(t14, attn='naive', fused_stem=False), 'fused',
+                       'naive', 1.8, None, memory=False)[0]
     low = replace(a, dtype='bf16', cast_weights=True)
     rows += _pair_rows('bf16 weights cast once vs the reference path under bf16 autocast', low,
                        replace(naive, dtype='bf16'), 'bf16 cast', 'naive bf16', 1.5, None, memory=False)[0]
@@ -359,14 +362,27 @@ GPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
 }
 
 
+# the CPU features that decide which low-precision kernels run (bf16 / int8 dot products, AMX tiles)
+CPU_FLAGS = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'avx_vnni', 'amx_tile', 'amx_bf16', 'amx_int8')
+
+
 def machine(device: str) -> str:
     cpu = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
         with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(':')
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
+    if 'model name' in info:
+        cpu = f"{info['model name']} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
     text = f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
+    if 'flags' in info:
+        have = set(info['flags'].split())
+        missing = ', '.join(f for f in CPU_FLAGS if f not in have) or '-'
+        text += f"; CPU flags: {' '.join(f for f in CPU_FLAGS if f in have)} (no {missing})"
     if device == 'cuda':
         text = f'{torch.cuda.get_device_name()} ({text})'
     return text

@@ -89,10 +89,12 @@ def test_the_default_stem_keeps_parity_where_the_fused_one_cancels(fixtures_dir,
 
 
 # -- low precision: weights cast once, int8 ---------------------------------------------------------
-@pytest.mark.parametrize('dtype,cast', [('bf16', True), ('int8', False)])
-def test_low_precision_keeps_the_top1_of_float32_on_digits(dtype, cast, fixtures_dir, official_ckpt):
+@pytest.mark.parametrize('dtype,cast,fused', [('bf16', True, False), ('bf16', True, True), ('int8', False, False)])
+def test_low_precision_keeps_the_top1_of_float32_on_digits(dtype, cast, fused, fixtures_dir, official_ckpt):
     from t2tvit.analysis.benchmark import top1_agreement
     model = fixture_model('t2t_vit_14', fixtures_dir, official_ckpt)
+    # fused: the bf16 model's stem computes in float32 and hands bf16 tokens on (benchmark --fused-stem --cast-weights)
+    model.set_fused_stem(fused)
     with torch.inference_mode():
         same, in_top5 = top1_agreement(model, digits(100, 224), dtype=dtype, cast_weights=cast)
     assert same >= 0.99 and in_top5 == 1.0

@@ -132,3 +132,36 @@ def test_naive_attention_is_the_reference_order_of_operations():
         q, k, v = backbone.qkv_heads(h)
         attn = ((q @ k.transpose(-2, -1)) * backbone.scale).softmax(dim=-1)
         assert torch.equal(backbone(h), backbone.proj((attn @ v).transpose(1, 2).reshape(2, 49, 64)))
+
+
+@pytest.mark.parametrize('under_autocast', [False, True])
+def test_short_bf16_attention_on_cpu_is_as_close_as_the_reference_math(monkeypatch, under_autocast):
+    # the backbone's 197 tokens in bf16 skip torch's CPU flash kernel (slower there) for two bf16 matmuls
+    # around a softmax: its result and gradients must be as close to the exact attention as the reference
+    # math's under the autocast a bf16 training run uses (scores rounded to bf16, softmax in float32)
+    from t2tvit.layers import attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 197, 64).bfloat16().requires_grad_() for _ in range(3))
+    scale, dy = 64 ** -0.5, torch.randn(2, 6, 197, 64)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = ((qd @ kd.transpose(-2, -1)) * scale).softmax(-1) @ vd
+    exact.backward(dy.double())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        reference = attention.scaled_attention(q, k, v, scale, 0.0, 'naive')
+    reference_grads = torch.autograd.grad(reference, (q, k, v), dy.bfloat16())
+    sdpa = attention.F.scaled_dot_product_attention
+    called = []
+    monkeypatch.setattr(attention.F, 'scaled_dot_product_attention',
+                        lambda *a, **kw: called.append(1) or sdpa(*a, **kw))
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=under_autocast):
+        y = attention.scaled_attention(q, k, v, scale, 0.0, 'sdpa')
+    assert y.dtype == torch.bfloat16 and not called
+    grads = torch.autograd.grad(y, (q, k, v), dy.bfloat16())
+    for ours, theirs, ref in zip((y, *grads), (reference, *reference_grads), (exact, qd.grad, kd.grad, vd.grad)):
+        err, reference_err = ((t.double() - ref).abs().max().item() for t in (ours, theirs))
+        assert err <= 1.25 * reference_err
+    # long sequences (the T2T Transformer layer's thousands of tokens) and float32 keep the fused kernel
+    long = torch.randn(1, 1, attention.EXPLICIT_LOW_PRECISION_MAX_KEYS + 1, 64).bfloat16()
+    attention.scaled_attention(long, long, long, scale, 0.0, 'sdpa')
+    attention.scaled_attention(q.float(), k.float(), v.float(), scale, 0.0, 'sdpa')
+    assert len(called) == 2

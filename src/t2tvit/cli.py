@@ -550,9 +550,8 @@ def _add_benchmark(sub):
                         'published top-1, e.g. vit_small_patch16_224 resnet50')
     p.add_argument('--no-memory', action='store_true',
                    help='skip the peak-memory measurement (on CPU a second process; peak_mem_mb is null)')
-    p.add_argument('--json', action='store_true', help='print one JSON object: ' + ', '.join(
-        ['model', 'mode', 'batch', 'img_size', 'dtype', 'attn', 'compile', 'device', 'img_per_s', 'ms_per_step',
-         'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops', 'cast_weights']))
+    from .analysis.benchmark_keys import JSON_KEYS
+    p.add_argument('--json', action='store_true', help='print one JSON object: ' + ', '.join(JSON_KEYS))
 
 
 # -- export ---------------------------------------------------------------------------------------

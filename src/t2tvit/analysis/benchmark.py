@@ -32,14 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .benchmark_keys import JSON_FIELDS, JSON_KEYS  # noqa: F401  (JSON_KEYS: the public name)
 
 MODES = ('infer', 'train')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # int8: the blocks' and head's Linear layers dynamically quantized (t2tvit.quantize), CPU inference only
 BENCH_DTYPES = (*DTYPES, 'int8')
 DEVICES = ('cpu', 'cuda')
-JSON_KEYS = ('model', 'mode', 'batch', 'img_size', 'dtype', 'attn', 'compile', 'device', 'img_per_s',
-             'ms_per_step', 'peak_mem_mb', 'gflops_per_s', 'matmul_peak_gflops', 'cast_weights')
 
 
 @dataclass
@@ -132,15 +131,12 @@ class BenchmarkResult:
         return max(0.0, self.first_step_s - self.ms_per_step / 1e3)
 
     def to_json(self) -> dict[str, object]:
-        c = self.config
-        return {
-            'model': c.model, 'mode': c.mode, 'batch': c.batch, 'img_size': self.img_size, 'dtype': c.dtype,
-            'attn': c.attn, 'compile': c.compile, 'device': c.device,
-            'img_per_s': round(self.img_per_s, 3), 'ms_per_step': round(self.ms_per_step, 3),
-            'peak_mem_mb': None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
-            'gflops_per_s': round(self.gflops_per_s, 2), 'matmul_peak_gflops': round(self.matmul_peak_gflops, 2),
-            'cast_weights': c.cast_weights,
-        }
+        """One flat JSON object with the keys of ``benchmark_keys.JSON_FIELDS``, in their order."""
+        row: dict[str, object] = {}
+        for key, digits in JSON_FIELDS.items():
+            value = getattr(self, key) if hasattr(self, key) else getattr(self.config, key)
+            row[key] = value if digits is None or value is None else round(value, digits)
+        return row
 
 
 def model_img_size(model: str) -> int:

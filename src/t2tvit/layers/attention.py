@@ -10,7 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lean import is_fx_symbolic_tracing
+
 ATTN_IMPLS = ('sdpa', 'naive')
+# CPU, bf16/fp16, at most this many keys: softmax(q k^T) v as two matmuls beats the fused kernel (see
+# ``scaled_attention``); longer sequences (the T2T Transformer layer's 3136 tokens) keep the fused kernel,
+# whose memory does not grow with the square of the length
+EXPLICIT_LOW_PRECISION_MAX_KEYS = 512
 
 
 def check_attn_impl(attn_impl: str) -> str:
@@ -34,6 +40,9 @@ def scaled_attention(
     product ``q k^T``, the T2T Transformer layer scales ``q`` first (``scale_q=True``).
     """
     if attn_impl == 'sdpa':
+        if not torch.jit.is_scripting():
+            if not is_fx_symbolic_tracing() and _explicit_is_faster(q, k):
+                return _explicit_attention(q, k, v, scale, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     # reference math: scaled product, then softmax, dropout, @ v
     attn = (q * scale) @ k.transpose(-2, -1) if scale_q else (q @ k.transpose(-2, -1)) * scale
@@ -41,6 +50,27 @@ def scaled_attention(
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
+
+
+@torch.jit.unused
+def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+    # torch 2.14's CPU flash kernel in bf16 (without AMX) ran forward 2x and forward + backward 2.5x slower than
+    # two bf16 matmuls around a softmax, at the backbone's 197 tokens on a 2-core EPYC (benchmarks/compare.py)
+    return (q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+            and k.shape[-2] <= EXPLICIT_LOW_PRECISION_MAX_KEYS)
+
+
+@torch.jit.unused
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v in the inputs' low precision: the softmax accumulates in float32 inside the
+    kernel and rounds once, as the product with v would round it anyway. Autocast is off here, or it would run
+    the softmax and its backward in float32 over the whole (N, N) matrix and cast it back."""
+    with torch.autocast('cpu', enabled=False):
+        attn = (q @ k.transpose(-2, -1)).mul_(scale).softmax(dim=-1)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        return attn @ v
 
 
 class Attention(nn.Module):
