@@ -636,6 +636,28 @@ def _add_ablate(sub):
     p.add_argument('-o', '--out', default='runs/ablate', metavar='DIR', help='where the files go')
 
 
+# -- serve ----------------------------------------------------------------------------------------
+def _run_serve(args) -> int:
+    from .serve import run_serve
+    return run_serve(args)
+
+
+def _add_serve(sub):
+    p = _command(sub, 'serve', "a model behind a local web page and HTTP API, requests batched together "
+                 "(pip install 't2tvit[serve]')", _run_serve)
+    p.add_argument('--model', help='registered model name, or NAME.TAG (default: the one the checkpoint names)')
+    _add_weights(p, 'the weights to serve (any layout `t2tvit predict` reads)', required=True)
+    p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
+    p.add_argument('--port', type=int, default=8000, help='default 8000; 0 picks a free one (printed)')
+    p.add_argument('--max-batch', type=int, default=16, metavar='B', help='images run together at most (default 16)')
+    p.add_argument('--max-wait-ms', type=float, default=5.0, metavar='MS',
+                   help='how long the oldest waiting image waits for others to fill a batch (default 5)')
+    p.add_argument('--max-queue', type=int, default=64, metavar='N',
+                   help='images waiting at most; past it a request gets 503 with Retry-After (default 64)')
+    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'], help='bf16: autocast over float32 weights')
+    p.add_argument('--device', help='cpu, cuda, cuda:1 (default: cuda if available)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='t2tvit', description='T2T-ViT: models, checkpoints, training and analysis.')
@@ -648,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_ablate,
                           _add_train, _add_validate, _add_finetune, _add_predict, _add_demo, _add_convert,
-                          _add_benchmark, _add_export]
+                          _add_benchmark, _add_export, _add_serve]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
