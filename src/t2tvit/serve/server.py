@@ -12,7 +12,7 @@ GRACEFUL_SHUTDOWN_S = 30
 def _need_web_stack():
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart: uploads)
+        import python_multipart  # noqa: F401  (uploads)
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UserError(f"t2tvit serve needs FastAPI, python-multipart and uvicorn ({e.name} is missing): "
