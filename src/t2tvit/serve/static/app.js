@@ -104,7 +104,9 @@ function wireDrop() {
     if (e.dataTransfer.files.length) classify(e.dataTransfer.files[0]);
   });
   $('file').addEventListener('change', (e) => {
-    if (e.target.files.length) classify(e.target.files[0]);
+    const file = e.target.files[0];
+    e.target.value = '';  // choosing the same file again is a change too
+    if (file) classify(file);
   });
 }
 
