@@ -103,7 +103,7 @@ def _run_visualize(args) -> int:
     else:
         pictures = visualize.visualize_attention(
             args.image, args.model, checkpoint=args.checkpoint, blocks=args.blocks, img_size=args.img_size,
-            out_dir=args.out)
+            out_dir=args.out, stages=args.stages, query=args.query)
     for picture in pictures:
         print(picture.path)
     return 0
@@ -138,6 +138,11 @@ def _add_visualize(sub):
                                     'DIR/attention_heads.png and DIR/attention_rollout.png.')
     a.add_argument('--blocks', nargs='+', type=int, metavar='N',
                    help='blocks counted from 1 (default: the last two)')
+    a.add_argument('--stages', nargs='+', choices=['t2t1', 't2t2'], metavar='STAGE',
+                   help="also draw one query's attention in the T2T stages (t2t1 t2t2): the Transformer layer's "
+                        "softmax weights, or the Performer's implicit ones; writes DIR/attention_t2t.png")
+    a.add_argument('--query', nargs=2, type=float, metavar=('X', 'Y'),
+                   help='with --stages: the query pixel of the (resized) input (default: its centre)')
 
 
 # -- profile --------------------------------------------------------------------------------------
