@@ -4,14 +4,15 @@
 image bytes. Every refusal is JSON ``{"error": "...", "status": N}``: 4xx for the client's input,
 503 with ``Retry-After`` when the batching queue is full.
 """
+import os
 import time
 from importlib import resources
 from typing import Optional
 
+import anyio
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ..errors import UserError
@@ -100,14 +101,23 @@ def create_app(served: ServedModel, max_batch: int = 16, max_wait_ms: float = 5.
     async def _user_error(_request, e: UserError):
         return _error(422, str(e))
 
+    @app.exception_handler(Exception)
+    async def _internal(_request, e: Exception):  # a bug, not the client's input: still JSON, and the server goes on
+        return _error(500, f'internal error ({type(e).__name__}: {str(e)[:300]})')
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, e: RequestValidationError):
         where = ', '.join(f"{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in e.errors())
         return _error(422, f'invalid request ({where})')
 
+    # decoding runs on as many threads as there are cores: more only makes every image in a burst finish late
+    decoders = anyio.CapacityLimiter(os.cpu_count() or 1)
+
+    def decode(data: bytes):
+        return served.preprocess(decode_image(data))
+
     async def _input(request: Request):
-        image = await run_in_threadpool(decode_image, await _image_bytes(request))
-        return await run_in_threadpool(served.preprocess, image)
+        return await anyio.to_thread.run_sync(decode, await _image_bytes(request), limiter=decoders)
 
     @app.post('/v1/predict', summary='top-k classes of an image')
     async def predict(request: Request, topk: int = Query(5, ge=1, le=1000, description='classes to return')):

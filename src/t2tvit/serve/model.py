@@ -8,7 +8,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,9 +32,20 @@ class ServedModel:
     dtype: str = 'fp32'
     device: str = 'cpu'
 
+    def __post_init__(self):
+        self._resize, self._normalise = _split_transform(self.transform)
+
     def preprocess(self, image) -> torch.Tensor:
-        """An RGB PIL image -> the (C, H, W) input the model was trained on."""
-        return self.transform(image)
+        """An RGB PIL image -> (C, H, W) pixels, resized and cropped as the model was trained (uint8).
+
+        Only PIL works here (on the request's thread); the float conversion and normalisation run
+        batched on the model's thread (:meth:`normalise`), so no two threads run torch kernels at once.
+        """
+        return self._resize(image)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Batched (B, C, H, W) pixels from :meth:`preprocess` -> the normalised float input."""
+        return self._normalise(x)
 
     def _autocast(self):
         if DTYPES[self.dtype] is None:
@@ -44,7 +55,7 @@ class ServedModel:
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, classes) softmax, float32 on the CPU."""
         with torch.inference_mode(), self._autocast():
-            logits = self.model(x.to(self.device))
+            logits = self.model(self.normalise(x.to(self.device)))
         return logits.float().softmax(dim=1).cpu()
 
     def describe(self) -> Dict[str, Any]:
@@ -55,7 +66,9 @@ class ServedModel:
                 't2t_stages': 't2t1' in _layer_names(self.model)}
 
     def _image(self, x: torch.Tensor) -> np.ndarray:
-        """The normalised input as the model saw it (resized and cropped): (H, W, 3) in [0, 1]."""
+        """The input as the model saw it (resized and cropped): (H, W, 3) in [0, 1]."""
+        if x.dtype == torch.uint8:
+            return (x.float() / 255).permute(1, 2, 0).numpy()
         mean = torch.tensor(self.preprocessing['mean']).view(-1, 1, 1)
         std = torch.tensor(self.preprocessing['std']).view(-1, 1, 1)
         return (x.float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
@@ -66,7 +79,7 @@ class ServedModel:
         from PIL import Image
 
         from ..analysis.visualize import block_attention
-        _, rollout, _ = block_attention(self.model, x[None].to(self.device), [])
+        _, rollout, _ = block_attention(self.model, self.normalise(x[None].to(self.device)), [])
         image = self._image(x)
         h, w = image.shape[:2]
         r = F.interpolate(rollout[None, None].float().cpu(), size=(h, w), mode='bilinear', align_corners=False)[0, 0]
@@ -86,11 +99,32 @@ class ServedModel:
         from ..analysis.visualize import feature_layers, render_features
         if 't2t1' not in _layer_names(self.model):
             raise UserError(f'{self.name} has no T2T stages to show')
-        maps = feature_layers(self.model, x[None].to(self.device), ['t2t1', 't2t2'])
+        maps = feature_layers(self.model, self.normalise(x[None].to(self.device)), ['t2t1', 't2t2'])
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / 'features.png'
             render_features(maps, path, 16, f'{self.name}: T2T stages, input {x.shape[-2]}x{x.shape[-1]}')
             return path.read_bytes()
+
+
+def _split_transform(transform) -> Tuple[Callable, Callable]:
+    """timm's eval transform (resize, crop, to tensor, normalise) as a PIL part and a batched tensor part.
+
+    ``to_tensor`` of a uint8 image is ``x.float() / 255``, so the batched part gives the same numbers. A
+    transform of another shape runs whole on the request's thread, and the batched part is the identity.
+    """
+    steps = list(getattr(transform, 'transforms', []))
+    if len(steps) < 2 or type(steps[-2]).__name__ not in ('ToTensor', 'MaybeToTensor') \
+            or type(steps[-1]).__name__ != 'Normalize':
+        return transform, lambda x: x
+    from torchvision.transforms import Compose
+    resize, normalize = Compose(steps[:-2]), steps[-1]
+
+    def pixels(image) -> torch.Tensor:
+        return torch.from_numpy(np.array(resize(image).convert('RGB'), dtype=np.uint8)).permute(2, 0, 1)
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return normalize(x.float().div(255)) if x.dtype == torch.uint8 else x
+    return pixels, normalise
 
 
 def _layer_names(model: nn.Module) -> Dict[str, int]:
