@@ -90,6 +90,31 @@ class Server:
             time.sleep(0.05)
 
 
+class SlowUpload:
+    """A POST whose body is sent in two parts: between them the request is in flight, still arriving."""
+
+    def __init__(self, server: Server, data: bytes, path: str = '/v1/predict?topk=1'):
+        import socket
+        self.sock = socket.create_connection((server.host, server.port), timeout=60)
+        head = (f'POST {path} HTTP/1.1\r\nHost: {server.host}\r\nContent-Type: image/png\r\n'
+                f'Content-Length: {len(data)}\r\nConnection: close\r\n\r\n').encode()
+        self.sock.sendall(head + data[:16])
+        self.rest = data[16:]
+
+    def finish(self) -> Tuple[int, dict]:
+        """Send the rest; the response's status and JSON body."""
+        self.sock.sendall(self.rest)
+        chunks = []
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        self.sock.close()
+        head, _, body = b''.join(chunks).partition(b'\r\n\r\n')
+        return int(head.split()[1]), json.loads(body)
+
+
 def multipart(data: bytes, filename: str = 'image.png', field: str = 'file') -> Tuple[bytes, str]:
     """A multipart/form-data body with one file field, and its content type."""
     boundary = 't2tvit-test-boundary'

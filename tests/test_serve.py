@@ -16,7 +16,7 @@ from PIL import Image
 pytest.importorskip('fastapi', reason="t2tvit serve needs FastAPI (pip install 't2tvit[serve]')")
 pytest.importorskip('uvicorn', reason="t2tvit serve needs uvicorn (pip install 't2tvit[serve]')")
 
-from serve_helpers import DIGITS, Server, multipart, save_small_model  # noqa: E402
+from serve_helpers import DIGITS, Server, SlowUpload, multipart, save_small_model  # noqa: E402
 
 
 def _png(img: Image.Image) -> bytes:
@@ -134,6 +134,7 @@ def _bad_inputs():
         ('wrong content type', _png(digit), 'application/json', 415, 'content type'),
         ('upload over 20 MB', b'\xff\xd8' + bytes(21 * 1024 * 1024), 'image/jpeg', 413, '20 MB'),
         ('decompression bomb', _bomb_png(10000, 10000), 'image/png', 413, 'decompression bomb'),
+        ('decompression bomb, 2x the limit', _bomb_png(20000, 10000), 'image/png', 413, 'decompression bomb'),
         ('multipart without a file', b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--b--\r\n',
          'multipart/form-data; boundary=b', 400, 'no file field'),
     ]
@@ -189,10 +190,25 @@ def test_concurrent_requests_run_as_batches_with_the_same_answers(checkpoint):
         s.stop()
 
 
+def test_a_request_that_comes_alone_does_not_wait_for_the_window(checkpoint):
+    s = Server(['--checkpoint', str(checkpoint), '--max-wait-ms', '5000'])
+    try:
+        import time
+        s.post_image(_png(_digit()))
+        start = time.perf_counter()
+        status, _, answer = s.post_image(_png(_digit()))
+        assert status == 200 and time.perf_counter() - start < 4.0  # not the 5 s window: nothing else was arriving
+    finally:
+        s.stop()
+
+
 def test_a_full_queue_answers_503_with_retry_after(checkpoint):
-    # a batch waits 3 s for company: two requests fill the queue of 2, the third is refused at once
+    # an upload still in progress makes a batch wait (3 s at most) for it: two requests fill the queue of 2,
+    # the third is refused at once
     s = Server(['--checkpoint', str(checkpoint), '--max-batch', '4', '--max-queue', '2', '--max-wait-ms', '3000'])
     try:
+        slow = SlowUpload(s, _png(_digit()))
+        assert s.wait_for(lambda h: h['arriving'] == 1)['arriving'] == 1
         results = []
         threads = [threading.Thread(target=lambda: results.append(s.post_image(_png(_digit()))[0])) for _ in range(2)]
         for t in threads:
@@ -203,6 +219,7 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint):
         for t in threads:
             t.join(60)
         assert results == [200, 200]
+        assert slow.finish()[0] == 200
         assert s.get_json('/healthz')[1]['refused'] == 1
         assert s.post_image(_png(_digit()))[0] == 200
     finally:
@@ -211,14 +228,20 @@ def test_a_full_queue_answers_503_with_retry_after(checkpoint):
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
 def test_shutdown_finishes_the_requests_in_flight(checkpoint, sig):
-    s = Server(['--checkpoint', str(checkpoint), '--max-wait-ms', '1500'])
+    # one request waits in the batch window for an upload still in progress; the signal comes, then the
+    # upload ends: both are answered, and only then does the server exit
+    s = Server(['--checkpoint', str(checkpoint), '--max-wait-ms', '2000'])
+    slow = SlowUpload(s, _png(_digit()))
+    assert s.wait_for(lambda h: h['arriving'] == 1)['arriving'] == 1
     answers = []
     t = threading.Thread(target=lambda: answers.append(s.post_image(_png(_digit()), '/v1/predict?topk=1')))
     t.start()
-    assert s.wait_for(lambda h: h['pending'] == 1)['pending'] == 1  # waiting in the batch window
+    assert s.wait_for(lambda h: h['pending'] == 1)['pending'] == 1
     s.proc.send_signal(sig)
+    status, body = slow.finish()
     t.join(60)
     code = s.proc.wait(60)
+    assert status == 200 and body['topk'][0]['label'] in DIGITS
     assert answers and answers[0][0] == 200 and answers[0][2]['topk'][0]['label'] in DIGITS
     assert code in (0, -sig, 128 + sig)
     with pytest.raises(OSError):

@@ -656,7 +656,7 @@ def _add_serve(sub):
     p.add_argument('--port', type=int, default=8000, help='default 8000; 0 picks a free one (printed)')
     p.add_argument('--max-batch', type=int, default=16, metavar='B', help='images run together at most (default 16)')
     p.add_argument('--max-wait-ms', type=float, default=5.0, metavar='MS',
-                   help='how long the oldest waiting image waits for others to fill a batch (default 5)')
+                   help='how long the oldest waiting image may wait for requests still arriving (default 5)')
     p.add_argument('--max-queue', type=int, default=64, metavar='N',
                    help='images waiting at most; past it a request gets 503 with Retry-After (default 64)')
     p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'], help='bf16: autocast over float32 weights')

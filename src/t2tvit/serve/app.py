@@ -122,7 +122,9 @@ def create_app(served: ServedModel, max_batch: int = 16, max_wait_ms: float = 5.
     @app.post('/v1/predict', summary='top-k classes of an image')
     async def predict(request: Request, topk: int = Query(5, ge=1, le=1000, description='classes to return')):
         start = time.perf_counter()
-        probs = await batcher.submit(await _input(request))
+        with batcher.arriving():
+            x = await _input(request)
+        probs = await batcher.submit(x)
         p, idx = probs.topk(min(topk, probs.numel()))
         return {'model': served.name,
                 'topk': [{'index': int(i), 'label': served.class_names[i], 'prob': round(float(q), 6)}
@@ -145,7 +147,8 @@ def create_app(served: ServedModel, max_batch: int = 16, max_wait_ms: float = 5.
 
     @app.get('/healthz', summary='liveness, with the queue and batch counts')
     async def healthz():
-        return {'status': 'ok', 'pending': batcher.pending, **batcher.stats.as_json()}
+        return {'status': 'ok', 'pending': batcher.pending, 'arriving': batcher.arriving_now,
+                **batcher.stats.as_json()}
 
     @app.get('/v1/samples', summary='the built-in sample images')
     async def sample_list():

@@ -2,10 +2,12 @@
 
 Each request puts one preprocessed image into a bounded pending list and awaits its row of the
 output. One task in the event loop forms the batches: it takes the oldest image and waits for
-more until ``max_batch`` are there or ``max_wait_s`` has passed since that oldest one arrived,
-so images that queued while the previous batch ran go at once. The model runs on one worker
-thread (the event loop keeps accepting and decoding meanwhile); anything else that touches the
-model (the explain pictures, which hook into it) runs on that same thread, never beside a batch.
+more while other requests are still being received or decoded (:meth:`Batcher.arriving`), until
+``max_batch`` are there or ``max_wait_s`` has passed since that oldest one arrived. A request
+that comes alone runs at once, and images that queued while the previous batch ran go together.
+The model runs on one worker thread (the event loop keeps accepting and decoding meanwhile);
+anything else that touches the model (the explain pictures, which hook into it) runs on that
+same thread, never beside a batch.
 
 The pending list is bounded: past ``max_queue`` images :meth:`Batcher.submit` raises
 :class:`QueueFull` at once, with an estimate of when to retry, so overload is a 503, never an
@@ -15,6 +17,7 @@ import asyncio
 import math
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Deque
@@ -62,12 +65,27 @@ class Batcher:
         self._pending: Deque[_Item] = deque()
         self._arrival = asyncio.Event()
         self._closing = False
+        self._arriving = 0
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix='t2tvit-model')
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def arriving_now(self) -> int:
+        return self._arriving
+
+    @contextmanager
+    def arriving(self):
+        """Around receiving and decoding a request's image: a batch being formed waits for it (within the window)."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._arrival.set()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._form_batches())
@@ -111,7 +129,7 @@ class Batcher:
                 await self._arrival.wait()
                 continue
             deadline = self._pending[0].arrived + self.max_wait_s
-            while len(self._pending) < self.max_batch and not self._closing:
+            while len(self._pending) < self.max_batch and self._arriving > 0 and not self._closing:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
