@@ -9,6 +9,7 @@ answer must be a 200.
     python benchmarks/serve_load.py                           # t2t_vit_7 at 224 px, 3 rounds
     python benchmarks/serve_load.py --model t2t_vit_lite_32   # the demo-size model
     python benchmarks/serve_load.py --clients 16 --requests 96 --rounds 5 --max-batch 16
+    python benchmarks/serve_load.py -o benchmarks/RESULTS_serve.md   # also append the lines there
 """
 import argparse
 import http.client
@@ -81,7 +82,13 @@ def main(argv=None) -> int:
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--max-batch', type=int, default=16)
     p.add_argument('--max-wait-ms', type=float, default=5.0)
+    p.add_argument('-o', '--output', metavar='MD', help='append what is printed to this markdown file')
     args = p.parse_args(argv)
+    lines = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
 
     sys.path.insert(0, str(ROOT / 'src'))
     import torch
@@ -97,24 +104,30 @@ def main(argv=None) -> int:
             image = _jpeg()
             _images_per_s(host, port, image, 1, 4)  # warm-up: first forward passes, connection set-up
             _images_per_s(host, port, image, args.clients, 2 * args.clients)
-            print(f'{args.model}, 224x224 JPEG requests, server --max-batch {args.max_batch} --max-wait-ms '
-                  f'{args.max_wait_ms:g}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-                  f'torch {torch.__version__}')
+            load = ', '.join(f'{v:.1f}' for v in os.getloadavg())
+            say(f'{args.model}, 224x224 JPEG requests, server --max-batch {args.max_batch} --max-wait-ms '
+                f'{args.max_wait_ms:g}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+                f'torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS", "unset")}, '
+                f'load average {load} at the start')
             ratios = []
             for r in range(args.rounds):
                 one = _images_per_s(host, port, image, 1, max(8, args.requests // 4))
                 many = _images_per_s(host, port, image, args.clients, args.requests)
                 ratios.append(many / one)
-                print(f'round {r + 1}: one at a time {one:.1f} img/s, {args.clients} concurrent clients '
-                      f'{many:.1f} img/s: {many / one:.2f}x', flush=True)
+                say(f'round {r + 1}: one at a time {one:.1f} img/s, {args.clients} concurrent clients '
+                    f'{many:.1f} img/s: {many / one:.2f}x')
             conn = http.client.HTTPConnection(host, port, timeout=30)
             conn.request('GET', '/healthz')
             health = conn.getresponse().read().decode()
-            print(f'server: {health}')
-            print(f'batching gain (median of {args.rounds} rounds): {statistics.median(ratios):.2f}x')
+            say(f'server: {health}')
+            say(f'batching gain (median of {args.rounds} rounds): {statistics.median(ratios):.2f}x')
         finally:
             proc.terminate()
             proc.wait(60)
+    if args.output:
+        with open(args.output, 'a') as f:
+            f.write(f'\n`python benchmarks/serve_load.py {" ".join(argv if argv is not None else sys.argv[1:])}`\n\n')
+            f.write(''.join(f'    {line}\n' for line in lines))
     return 0
 
 
