@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv browser demo test bench lint clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,19 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m t2tvit demo
 
-test: venv
+# The page's browser test drives Debian's chromium and its chromedriver (never a browser download).
+# Installed when missing and apt-get can run without a password (root, or sudo -n); otherwise that
+# one test is skipped and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null; then echo "no apt-get: the browser test will be skipped"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null \
+		|| echo "installing chromium failed: the browser test will be skipped"; \
+	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq chromium chromium-driver >/dev/null \
+		|| echo "installing chromium failed: the browser test will be skipped"; \
+	else echo "chromium is not installed and apt-get needs a password: the browser test will be skipped"; fi
+
+test: venv browser
 	$(BIN)/python -m pytest -q
 
 bench: venv

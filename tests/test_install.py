@@ -63,6 +63,8 @@ def test_the_wheel_carries_the_presets_and_not_the_tests(installed):
     assert presets == sorted(shipped_presets())
     assert 'demo' in presets and 't2t_vit_14' in presets and 'finetune_cifar10' in presets
     assert 't2tvit/cli.py' in names and 't2tvit/models/t2t_vit.py' in names
+    # the serve page is package data: it works from an installed wheel, offline
+    assert {f't2tvit/serve/static/{n}' for n in ('index.html', 'app.js', 'style.css')} <= set(names)
     assert not [n for n in names if n.startswith(('tests/', 'benchmarks/', 'configs/')) or '__pycache__' in n]
 
 

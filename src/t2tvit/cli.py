@@ -144,7 +144,7 @@ def _run_visualize(args) -> int:
     else:
         pictures = visualize.visualize_attention(
             args.image, args.model, checkpoint=args.checkpoint, blocks=args.blocks, img_size=args.img_size,
-            out_dir=args.output)
+            out_dir=args.output, stages=args.stages, query=args.query)
     for picture in pictures:
         print(picture.path)
     return 0
@@ -177,6 +177,11 @@ def _add_visualize(sub):
                                     'DIR/attention_heads.png and DIR/attention_rollout.png.')
     a.add_argument('--blocks', nargs='+', type=int, metavar='N',
                    help='blocks counted from 1 (default: the last two)')
+    a.add_argument('--stages', nargs='+', choices=['t2t1', 't2t2'], metavar='STAGE',
+                   help="also draw one query's attention in the T2T stages (t2t1 t2t2): the Transformer layer's "
+                        "softmax weights, or the Performer's implicit ones; writes DIR/attention_t2t.png")
+    a.add_argument('--query', nargs=2, type=float, metavar=('X', 'Y'),
+                   help='with --stages: the query pixel of the (resized) input (default: its centre)')
 
 
 # -- profile --------------------------------------------------------------------------------------
@@ -603,6 +608,29 @@ def _add_ablate(sub):
     p.add_argument('--jobs', type=int, metavar='N', help='runs at once (default: 2 on a CPU, 1 on a GPU)')
 
 
+# -- serve ----------------------------------------------------------------------------------------
+def _run_serve(args) -> int:
+    from .serve import run_serve
+    return run_serve(args)
+
+
+def _add_serve(sub):
+    p = _command(sub, 'serve', "a model behind a local web page and HTTP API, requests batched together "
+                 "(pip install 't2tvit[serve]')", _run_serve, parents=[_shared(
+                     model={'help': 'registered model name, or NAME.TAG (default: the one the checkpoint names)'},
+                     weights={'checkpoint_help': 'the weights to serve (any layout `t2tvit predict` reads)',
+                              'required': True})])
+    p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
+    p.add_argument('--port', type=int, default=8000, help='default 8000; 0 picks a free one (printed)')
+    p.add_argument('--max-batch', type=int, default=16, metavar='B', help='images run together at most (default 16)')
+    p.add_argument('--max-wait-ms', type=float, default=5.0, metavar='MS',
+                   help='how long the oldest waiting image may wait for requests still arriving (default 5)')
+    p.add_argument('--max-queue', type=int, default=64, metavar='N',
+                   help='images waiting at most; past it a request gets 503 with Retry-After (default 64)')
+    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'], help='bf16: autocast over float32 weights')
+    p.add_argument('--device', help='cpu, cuda, cuda:1 (default: cuda if available)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='t2tvit', description='T2T-ViT: models, checkpoints, training and analysis.')
@@ -615,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_ablate,
                           _add_train, _add_validate, _add_finetune, _add_predict, _add_demo, _add_convert,
-                          _add_benchmark, _add_export]
+                          _add_benchmark, _add_export, _add_serve]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -20,8 +20,8 @@ hooks exist only inside :func:`block_attention`, so the normal forward is untouc
 Rollout (Abnar & Zuidema, 2020): heads averaged, identity added for the skip
 connection, rows renormalised, and the layers multiplied; only the class-token row is
 needed, so it is propagated as a vector (O(depth * N^2), not O(depth * N^3)).
-The Performer T2T layers attend through random features and have no attention matrix;
-the pictures say so instead of inventing one.
+The T2T stages have no class token: ``--stages t2t1 t2t2`` draws one query's attention there
+(the Performer's implicit weights from its random features; see t2t_attention.py).
 """
 import math
 from collections.abc import Iterator, Sequence
@@ -438,10 +438,11 @@ def _upsampled(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def _t2t_note(model: nn.Module) -> str:
     mixer = getattr(getattr(model, 'tokens_to_token', None), 'token_mixer', None)
     if mixer == 'performer':
-        return ('T2T stages: Performer (linear attention through random features) has no attention matrix; '
-                'only the backbone is shown')
+        return ('T2T stages (Performer, no class token) are not in these pictures: --stages t2t1 t2t2 draws '
+                'their implicit attention for one query')
     if mixer == 'transformer':
-        return 'T2T stages have no class token; only the backbone\'s class-token attention is shown'
+        return ('T2T stages have no class token; only the backbone\'s class-token attention is shown '
+                '(--stages t2t1 t2t2 draws theirs for one query)')
     if mixer == 'convolution':
         return 'T2T stages are convolutions (T2T-ViT-c): no attention there'
     if hasattr(model, 'patch_embed'):
@@ -510,8 +511,12 @@ def visualize_attention(
         img_size: int | None = None,
         out_dir='runs/visualize',
         model: nn.Module | None = None,
+        stages: Sequence[str] | None = None,
+        query: tuple[float, float] | None = None,
 ) -> list[Picture]:
-    """``t2tvit visualize attention``: writes ``attention_heads.png`` and ``attention_rollout.png``."""
+    """``t2tvit visualize attention``: writes ``attention_heads.png`` and ``attention_rollout.png``, and with
+    ``stages`` (``t2t1``, ``t2t2``) ``attention_t2t.png``: the attention of the input pixel ``query`` (x, y;
+    default the centre) in those T2T stages (see :mod:`t2tvit.analysis.t2t_attention`)."""
     model = model if model is not None else picture_model(model_name, checkpoint)
     x, cfg = _checked_input(load_image(image), model, img_size)
     attending = [i + 1 for i in _attention_blocks(model)]
@@ -519,7 +524,14 @@ def visualize_attention(
     heads, rollout, _ = block_attention(model, x, blocks)
     weights = Path(checkpoint).name if checkpoint else 'random weights'
     title = f'{model_name} ({weights}) on {Path(image).name}, input {x.shape[-2]}x{x.shape[-1]}'
-    return render_attention(_denormalised(x, cfg), heads, rollout, out_dir, title, _t2t_note(model))
+    pictures = render_attention(_denormalised(x, cfg), heads, rollout, out_dir, title, _t2t_note(model))
+    if stages:
+        from .t2t_attention import render_stage_attention, stage_attention
+        query = tuple(query) if query else (x.shape[-1] / 2, x.shape[-2] / 2)
+        maps = stage_attention(model, x, stages, query)
+        pictures.append(render_stage_attention(_denormalised(x, cfg), maps, query, Path(out_dir) / 'attention_t2t.png',
+                                               title, model.tokens_to_token.token_mixer))
+    return pictures
 
 
 # -- the model zoo, like the paper's Fig. 1 -------------------------------------------------------

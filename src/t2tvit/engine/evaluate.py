@@ -138,7 +138,7 @@ def _preprocessing(model: nn.Module, trained_on: Dict[str, Any], crop_pct: Optio
     return resolve_preprocessing(model, overrides)
 
 
-def _class_names(model: nn.Module, ckpt, descriptions: bool = False) -> Optional[List[str]]:
+def checkpoint_class_names(model: nn.Module, ckpt, descriptions: bool = False) -> Optional[List[str]]:
     if ckpt.class_names:
         return list(ckpt.class_names)
     labels = (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')  # a pretrained tag's (CIFAR)
@@ -183,7 +183,7 @@ def validate(
             dataset, data = trained_on['dataset'], trained_on.get('data')
         dataset = dataset or ('folder' if data else 'digits')
         pre = _preprocessing(model, trained_on, crop_pct)
-        classes = _class_names(model, ckpt)
+        classes = checkpoint_class_names(model, ckpt)
         images = D.evaluation_images(dataset, data, pre['img_size'], classes)
         if len(images.classes) > model.num_classes:
             raise UserError(
@@ -234,7 +234,7 @@ def predict_files(
 
     model, ckpt, _ = model_for_checkpoint(model_name, checkpoint, img_size)
     pre = _preprocessing(model, train_config(ckpt), None)
-    names = _class_names(model, ckpt, descriptions=True) or [str(i) for i in range(model.num_classes)]
+    names = checkpoint_class_names(model, ckpt, descriptions=True) or [str(i) for i in range(model.num_classes)]
     dev = pick_device(device)
     model.to(dev)
     transform = D.eval_transform(
