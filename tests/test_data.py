@@ -178,12 +178,18 @@ def test_cifar_reader_refuses_pickled_code(tmp_path, capsys):
     assert 'code ran' not in capsys.readouterr().out
 
 
+def _run_settings(**given):
+    """The augmentation settings of a run with RunConfig's defaults, ``given`` overriding them."""
+    from t2tvit.engine.config import RunConfig
+    from t2tvit.engine.run import TRAIN_TRANSFORM_KEYS
+    return {**{k: getattr(RunConfig(), k) for k in TRAIN_TRANSFORM_KEYS}, **given}
+
+
 def _augmented(tmp_path, seed=0):
     root = write_folder(tmp_path / 'd', train=2, val=1)
     images, _ = D.training_images('folder', str(root), 32)
-    t = D.train_transform(
-        'timm', 32, (0.5,) * 3, (0.5,) * 3, 'bicubic', auto_augment='rand-m9-mstd0.5-inc1', reprob=0.25
-    )
+    t = D.train_transform('timm', 32, (0.5,) * 3, (0.5,) * 3, 'bicubic',
+                          **_run_settings(auto_augment='rand-m9-mstd0.5-inc1', reprob=0.25))
     return D.AugmentedDataset(images, t, seed=seed)
 
 
@@ -233,7 +239,7 @@ def test_undecodable_images_are_dropped_from_the_batch_and_reported(tmp_path):
 def test_randaugment_at_full_magnitude_never_fails():
     # magnitude 10 makes 'PosterizeIncreasing' keep 0 bits, which Pillow >= 11 refuses
     t = D.train_transform('timm', 32, (0.5,) * 3, (0.5,) * 3, 'bicubic',
-                          auto_augment='rand-m10-n6-mstd0-inc1')
+                          **_run_settings(auto_augment='rand-m10-n6-mstd0-inc1'))
     img = Image.new('RGB', (32, 32), (120, 200, 40))
     for seed in range(30):
         random.seed(seed)

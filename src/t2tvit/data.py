@@ -500,19 +500,19 @@ def train_transform(
     std,
     interpolation: str,
     *,
-    scale=(0.08, 1.0),
-    ratio=(3 / 4, 4 / 3),
-    hflip: float = 0.5,
-    color_jitter: float = 0.4,
-    auto_augment: Optional[str] = None,
-    train_interpolation: str = 'random',
-    reprob: float = 0.0,
-    remode: str = 'pixel',
-    crop_pct: float = 1.0,
+    scale,
+    ratio,
+    hflip: float,
+    color_jitter: float,
+    auto_augment: Optional[str],
+    train_interpolation: str,
+    reprob: float,
+    remode: str,
+    crop_pct: float,
 ):
     """``timm``: the reference ImageNet pipeline (random-resized crop, RandAugment, random erasing);
     ``pad-crop``: the reference transfer pipeline (resize, padded random crop, flip);
-    ``none``: evaluation's."""
+    ``none``: evaluation's. Every setting is the run's (``RunConfig`` owns their defaults)."""
     if augment == 'none':
         return eval_transform(img_size, mean, std, crop_pct, interpolation)
     if augment == 'pad-crop':
