@@ -296,7 +296,7 @@ def render_features(layers: Sequence[LayerMaps], path, channels: int = 16, title
         placed.append((ax, layer.name, corners, h, w, n))
     fig.text(0.5, 0.01, f'each channel min-max scaled; red outline: all-zero channel or extreme '
              f'(peak |x| > {EXTREME_RATIO:g}x the layer\'s median channel peak)', ha='center', va='bottom',
-             fontsize=9, color='black')
+             fontsize=9, color='black', wrap=True)  # a narrow figure (two T2T stages) wraps it
     fig.savefig(path, dpi=DPI)
     boxes = {}
     for ax, name, corners, h, w, n in placed:
