@@ -323,3 +323,16 @@ def test_pretrained_weights_read_gray_images_as_timm_adapts_them(name, hub, rele
         assert y.shape == (2, rgb.num_features) and torch.isfinite(y).all()
     features = timm.create_model(name, pretrained=True, features_only=True).eval()
     assert len(features(torch.randn(1, 3, 224, 224))) == 3
+
+
+def test_serve_pretrained_serves_the_release_with_imagenet_names(hub7, official_ckpt, fixtures_dir):
+    pytest.importorskip('fastapi', reason="t2tvit serve needs FastAPI (pip install 't2tvit[serve]')")
+    from t2tvit.serve.model import load_served_model
+    served = load_served_model('t2t_vit_7', pretrained=True, device='cpu')
+    assert served.name == 't2t_vit_7.in1k' and served.weights == 'pretrained t2t_vit_7.in1k'
+    assert len(served.class_names) == 1000 and served.class_names[0].startswith('tench')
+    assert served.preprocessing['img_size'] == 224 and served.preprocessing['crop_pct'] == 0.9
+    expected = load_json(fixtures_dir / 't2t_vit_7.expected.json')
+    with torch.no_grad():
+        logits = served.model(_inputs(official_ckpt, expected))
+    torch.testing.assert_close(logits, torch.tensor(expected['logits']), atol=1e-4, rtol=0)
