@@ -89,6 +89,14 @@ def create_app(served: ServedModel, max_batch: int = 16, max_wait_ms: float = 5.
     app.state.batcher = batcher
     app.state.served = served
 
+    _add_error_handlers(app)
+    _add_api(app, served, batcher)
+    _add_page(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure answers JSON ``{"error", "status"}``: the client's mistakes 4xx, a full queue 503."""
     @app.exception_handler(BadInput)
     async def _bad_input(_request, e: BadInput):
         return _error(e.status, e.message)
@@ -110,6 +118,9 @@ def create_app(served: ServedModel, max_batch: int = 16, max_wait_ms: float = 5.
         where = ', '.join(f"{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in e.errors())
         return _error(422, f'invalid request ({where})')
 
+
+def _add_api(app: FastAPI, served: ServedModel, batcher: Batcher) -> None:
+    """/v1/predict, /v1/explain, /v1/model, /healthz and the samples."""
     # decoding runs on as many threads as there are cores: more only makes every image in a burst finish late
     decoders = anyio.CapacityLimiter(os.cpu_count() or 1)
 
@@ -162,6 +173,9 @@ def create_app(served: ServedModel, max_batch: int = 16, max_wait_ms: float = 5.
             return _error(404, f'no sample {name!r} (GET /v1/samples lists them)')
         return Response(samples()[name][0], media_type='image/png')
 
+
+def _add_page(app: FastAPI) -> None:
+    """The page at ``/`` and its files, read once from the package."""
     page = {name: resources.files(__package__).joinpath('static', name).read_bytes() for name in STATIC}
 
     @app.get('/', include_in_schema=False)
@@ -173,5 +187,3 @@ def create_app(served: ServedModel, max_batch: int = 16, max_wait_ms: float = 5.
         if name not in page:
             return _error(404, f'no file {name!r}')
         return Response(page[name], media_type=MEDIA['.' + name.rsplit('.', 1)[-1]])
-
-    return app
