@@ -2,6 +2,7 @@
 with a 4xx JSON reason and keeps serving, answers 503 + Retry-After when full, and finishes requests in
 flight on SIGTERM. Each test runs a real server process on a loopback port."""
 import io
+import re
 import signal
 import struct
 import threading
@@ -268,3 +269,19 @@ def test_serve_reports_a_busy_port(checkpoint, capsys):
     finally:
         busy.close()
     assert 'choose another --port' in capsys.readouterr().err
+
+
+def test_serve_load_benchmark_runs_and_records_its_rounds(tmp_path):
+    # the README's batching benchmark, at its smallest: every answer a 200, the rounds printed and appended
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'serve_load.py'
+    out = tmp_path / 'serve.md'
+    args = ['--model', 't2t_vit_lite_32', '--clients', '2', '--requests', '4', '--rounds', '1', '-o', str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r'round 1: one at a time [\d.]+ img/s, 2 concurrent clients [\d.]+ img/s', done.stdout)
+    assert re.search(r'batching gain \(median of 1 rounds\): [\d.]+x', done.stdout)
+    written = out.read_text()
+    assert f'`python benchmarks/serve_load.py {" ".join(args)}`' in written and 'batching gain' in written

@@ -9,6 +9,7 @@ last good one kept).
 """
 
 import contextlib
+import math
 import signal
 import sys
 import threading
@@ -204,19 +205,21 @@ def train_step(run: Run, images, targets, should_stop) -> Tuple[bool, bool, int,
             images, targets = run.mixup(images, targets)
         with run.autocast():
             loss = run.loss_fn(images, run.train_model(images), targets)
-    nonfinite = loss is not None and not bool(torch.isfinite(loss).item())
+    loss_value = None if loss is None else loss.item()  # the step's one read of the loss
+    nonfinite = loss_value is not None and not math.isfinite(loss_value)
     flags = torch.tensor([float(empty), float(nonfinite), float(should_stop()),
                           float(run.state.failed_count > run.max_failed)], device=run.env.device)
     all_reduce(flags, run.env, op=torch.distributed.ReduceOp.MAX)
-    if flags[0].item() or flags[1].item():
+    any_empty, any_nonfinite, stop, too_many_failed = flags.tolist()  # one read of every rank's decision
+    if any_empty or any_nonfinite:
         if run.env.distributed and not empty:
             (loss * 0).backward()  # DDP expects every rank's backward; the gradients are thrown away
         run.optimizer.zero_grad(set_to_none=True)
     else:
         optimizer_step(run, loss)
-        run.state.loss_sum += loss.item() * len(images)
+        run.state.loss_sum += loss_value * len(images)
         run.state.samples += len(images)
-    return empty, bool(flags[1].item()), int(flags[2].item()), bool(flags[3].item())
+    return empty, bool(any_nonfinite), int(stop), bool(too_many_failed)
 
 
 def optimizer_step(run: Run, loss: torch.Tensor) -> None:
