@@ -88,6 +88,37 @@ def test_the_default_stem_keeps_parity_where_the_fused_one_cancels(fixtures_dir,
     assert naive_twin(model, 't2t_vit_7').tokens_to_token.fusable is False  # naive never fuses
 
 
+def test_compiled_fused_stem_gives_the_eager_numbers_and_follows_each_copys_weights():
+    import copy
+    torch.manual_seed(0)
+    model = t2tvit.create_model('t2t_vit_lite_32').eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        eager = model(x)
+        model.set_fused_stem(True, compile=True)
+        t2t = model.tokens_to_token
+        assert t2t.fused_split and t2t.compile_fused
+        compiled = model(x)
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+        tokens, stages = t2t.forward_stages(x)
+        eager_tokens, eager_stages = t2t.forward_fused(x)
+        torch.testing.assert_close(tokens, eager_tokens, atol=1e-5, rtol=0)
+        assert [s.shape for s in stages] == [s.shape for s in eager_stages]
+        # a copy (an EMA, a deepcopy) with other weights runs its own weights through the compiled stem
+        twin = copy.deepcopy(model)
+        assert twin.tokens_to_token.compile_fused
+        twin.tokens_to_token.project.bias.add_(1.0)
+        torch.testing.assert_close(twin.tokens_to_token(x), tokens + 1.0, atol=1e-5, rtol=0)
+        twin.tokens_to_token.attention1.kqv.weight.mul_(1.5)  # folded into the first convolution
+        moved = twin.tokens_to_token(x)
+        twin.set_fused_stem(True, compile=False)
+        torch.testing.assert_close(moved, twin.tokens_to_token(x), atol=1e-5, rtol=0)
+        assert (moved - tokens - 1.0).abs().max() > 1e-3
+    # training and the off switch take the unfold path, never the compiled one
+    model.set_fused_stem(False, compile=True)
+    assert not t2t.fused_split and not t2t.compile_fused
+
+
 # -- low precision: weights cast once, int8 ---------------------------------------------------------
 @pytest.mark.parametrize('dtype,cast,fused', [('bf16', True, False), ('bf16', True, True), ('int8', False, False)])
 def test_low_precision_keeps_the_top1_of_float32_on_digits(dtype, cast, fused, fixtures_dir, official_ckpt):
@@ -139,7 +170,8 @@ def test_int8_onnx_export_keeps_the_reference_top1(tmp_path, fixtures_dir, offic
     assert main(['export', '--model', 't2t_vit_lite_32', '--quantize', 'int8', '--format', 'torchscript']) == 2
 
 
-@pytest.mark.parametrize('flags', [['--dtype', 'int8'], ['--dtype', 'bf16', '--cast-weights']])
+@pytest.mark.parametrize('flags', [['--dtype', 'int8'], ['--dtype', 'bf16', '--cast-weights'],
+                                   ['--dtype', 'bf16', '--cast-weights', '--compile-stem']])
 def test_benchmark_runs_low_precision(flags, capsys):
     import json
 
@@ -148,10 +180,12 @@ def test_benchmark_runs_low_precision(flags, capsys):
                  '--no-memory', '--json', *flags]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row['dtype'] == flags[1] and row['img_per_s'] > 0 and row['cast_weights'] == ('--cast-weights' in flags)
+    assert row['compile_stem'] == row['fused_stem'] == ('--compile-stem' in flags)
 
 
 @pytest.mark.parametrize('flags', [['--dtype', 'int8', '--mode', 'train'], ['--cast-weights'],
-                                   ['--dtype', 'bf16', '--cast-weights', '--mode', 'train']])
+                                   ['--dtype', 'bf16', '--cast-weights', '--mode', 'train'],
+                                   ['--compile-stem', '--mode', 'train'], ['--compile-stem', '--compile']])
 def test_benchmark_low_precision_mistakes_are_user_errors(flags, capsys):
     from t2tvit.cli import main
     assert main(['benchmark', '--model', 't2t_vit_lite_32', '--no-memory', *flags]) == 2

@@ -504,7 +504,7 @@ def _run_benchmark(args) -> int:
                           dtype=args.dtype, attn=args.attn, compile=args.compile, device=args.device,
                           steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
                           activations=args.activations or '', cast_weights=args.cast_weights,
-                          fused_stem=args.fused_stem)
+                          fused_stem=args.fused_stem, compile_stem=args.compile_stem)
     try:
         if args.breakdown:
             from .analysis.benchmark import format_breakdown, run_breakdown
@@ -536,6 +536,9 @@ def _add_benchmark(sub):
     p.add_argument('--fused-stem', action='store_true',
                    help='inference with each soft split + LayerNorm + projection as one strided convolution '
                         '(model.set_fused_stem)')
+    p.add_argument('--compile-stem', action='store_true',
+                   help='the fused stem through torch.compile, the blocks eager (model.set_fused_stem(True, '
+                        'compile=True); implies --fused-stem); prints the compile time')
     p.add_argument('--attn', default='sdpa', choices=['sdpa', 'naive'],
                    help='naive: the reference explicit softmax(q k^T) v')
     p.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True); prints the compile time')

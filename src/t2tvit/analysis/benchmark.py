@@ -61,6 +61,11 @@ class BenchmarkConfig:
     cast_weights: bool = False
     # inference with the soft splits as strided convolutions (T2TViT.set_fused_stem)
     fused_stem: bool = False
+    # that fused stem through torch.compile, the blocks eager (set_fused_stem(compile=True)); implies fused_stem
+    compile_stem: bool = False
+
+    def __post_init__(self):
+        self.fused_stem = self.fused_stem or self.compile_stem
 
     @property
     def lean(self) -> bool:
@@ -84,7 +89,10 @@ class BenchmarkConfig:
             raise UserError(
                 '--cast-weights casts the weights for bf16/fp16 inference: add --dtype bf16 (no --mode train)')
         if self.fused_stem and (self.mode != 'infer' or self.attn != 'sdpa'):
-            raise UserError('--fused-stem is an inference path of the sdpa model: drop --mode train / --attn naive')
+            flag = '--compile-stem' if self.compile_stem else '--fused-stem'
+            raise UserError(f'{flag} is an inference path of the sdpa model: drop --mode train / --attn naive')
+        if self.compile_stem and (self.compile or self.dtype == 'int8'):
+            raise UserError('--compile-stem compiles the stem alone: drop --compile (the whole model) or --dtype int8')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
             raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
         if self.device == 'cuda' and not torch.cuda.is_available():
@@ -100,7 +108,7 @@ class BenchmarkResult:
     flops_per_step: float
     matmul_gflops: list[float]  # one matmul burst after each timed step
     peak_mem_mb: float | None = None
-    first_step_s: float = 0.0  # includes compilation when config.compile
+    first_step_s: float = 0.0  # includes compilation when config.compile or config.compile_stem
     extra: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -177,7 +185,7 @@ class StepRunner:
             model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
             model.set_lean_activations(cfg.lean)
             if cfg.fused_stem:
-                model.set_fused_stem(True)
+                model.set_fused_stem(True, compile=cfg.compile_stem)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model.to(self.device).train(cfg.mode == 'train')
@@ -546,7 +554,7 @@ def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
     options = (' compiled' if c.compile else '') + (' weights cast once' if c.cast_weights else '') + (
-        ' fused stem' if c.fused_stem else '') + (
+        ' fused stem compiled' if c.compile_stem else ' fused stem' if c.fused_stem else '') + (
         ' grad-checkpointing' if c.grad_checkpointing else '') + (
         f" activations={'lean' if c.lean else 'plain'}" if c.mode == 'train' else '')
     fraction = r.peak_fraction
@@ -556,7 +564,7 @@ def format_result(r: BenchmarkResult) -> str:
         (f'  {r.gflops_per_s:.1f} GFLOP/s, {fraction:.0%} of the {matmul_dtype(c)} matmul rate measured between steps '
         f'(peak {r.matmul_peak_gflops:.1f} GFLOP/s)'),
     ]
-    if c.compile:
+    if c.compile or c.compile_stem:
         lines.append(f'  compile: {r.compile_s:.1f} s (first step {r.first_step_s:.1f} s)')
     return '\n'.join(lines)
 

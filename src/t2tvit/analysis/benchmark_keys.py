@@ -22,5 +22,7 @@ JSON_FIELDS: Dict[str, Optional[int]] = {
     'gflops_per_s': 2,
     'matmul_peak_gflops': 2,
     'cast_weights': None,
+    'fused_stem': None,
+    'compile_stem': None,
 }
 JSON_KEYS = tuple(JSON_FIELDS)

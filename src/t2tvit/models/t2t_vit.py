@@ -218,13 +218,17 @@ class T2TViT(nn.Module):
                 module.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
-    def set_fused_stem(self, enable: bool = True):
+    def set_fused_stem(self, enable: bool = True, compile: bool = False):
         """Inference with each soft split + LayerNorm + projection as one strided convolution (``layers/t2t.py``):
         no patch matrices, faster on CPUs; logits within 1e-4 of the reference except on patches flat in every
-        channel (~1e-3 there). Training and ``attn_impl='naive'`` always take the reference unfold path."""
+        channel (~1e-3 there). Training and ``attn_impl='naive'`` always take the reference unfold path.
+
+        ``compile``: run that fused stem through ``torch.compile`` (the blocks stay eager), which fuses its
+        element-wise passes; the first call compiles (20 to 40 s on a 2-core CPU, cached after)."""
         for module in self.modules():
             if isinstance(module, T2TModule):
                 module.fused_split = bool(enable) and module.fusable
+                module.compile_fused = module.fused_split and bool(compile)
 
     @torch.jit.ignore
     def set_lean_activations(self, enable: bool = True):
