@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'src'))
 
 import t2tvit  # noqa: E402  (from src/ above, so the script runs from a checkout)
+import t2tvit.runtime  # noqa: E402
 from t2tvit.analysis.benchmark import (  # noqa: E402
     BenchmarkConfig,
     BenchmarkResult,
@@ -262,6 +263,61 @@ def fast_stem(opts: Options) -> list[Row]:
     return rows
 
 
+def compiled_stem(opts: Options) -> list[Row]:
+    # the fused stem through torch.compile (set_fused_stem(compile=True)), the blocks eager, against the same
+    # reference paths and DeiT-S as fast_stem's eager rows
+    a = _base(opts, 't2t_vit_14', 'infer', 32, compile_stem=True)
+    naive = replace(a, attn='naive', fused_stem=False, compile_stem=False)
+    rows, ra, _ = _pair_rows('compiled fused stem vs reference path', a, naive, 'compiled stem', 'naive', 1.25,
+                             None, memory=False)
+    rows.append(Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
+    t14 = replace(a, model='t2t_vit_t_14')
+    rows += _pair_rows('compiled fused stem vs reference path', t14, replace(naive, model='t2t_vit_t_14'),
+                       'compiled stem', 'naive', 1.8, None, memory=False)[0]
+    low = replace(a, dtype='bf16', cast_weights=True)
+    rows += _pair_rows('bf16 weights cast once, compiled stem, vs the reference path under bf16 autocast', low,
+                       replace(naive, dtype='bf16'), 'bf16 cast compiled stem', 'naive bf16', 1.5, None,
+                       memory=False)[0]
+    rows += _vs_timm('bf16 compiled stem vs DeiT-S (eager)', low, 'vit_small_patch16_224', 'DeiT-S', 0.85)
+    rows += _pair_rows('compiled vs eager fused stem', low, replace(low, compile_stem=False), 'compiled',
+                       'eager', None, None, memory=False, note='report')[0]
+    return rows
+
+
+def _cli_step_ms(flags: list[str], keep: bool) -> float:
+    """Median ms per step of ``t2tvit benchmark FLAGS`` in a fresh process, with or without freed memory kept."""
+    import subprocess
+    env = dict(os.environ, T2TVIT_KEEP_FREED_MEMORY='1' if keep else '0')
+    out = subprocess.run([sys.executable, '-m', 't2tvit', 'benchmark', *flags, '--json', '--no-memory'], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])['ms_per_step'])
+
+
+def malloc(opts: Options) -> list[Row]:
+    # a process-wide setting (t2tvit.runtime), so each round runs both settings in fresh processes, in turn
+    rows = []
+    settings = (
+        ('t2t_vit_14 infer b32 bf16, weights cast once, fused stem', 32,
+         ['--model', 't2t_vit_14', '--dtype', 'bf16', '--cast-weights', '--fused-stem']),
+        ('t2t_vit_14 infer b32 fp32, reference path', 32, ['--model', 't2t_vit_14', '--attn', 'naive']),
+        ('t2t_vit_14 train b16 bf16 autocast', 16, ['--model', 't2t_vit_14', '--mode', 'train', '--dtype', 'bf16']),
+    )
+    for what, batch, flags in settings:
+        flags = flags + ['-b', str(_batch(opts, batch)), '--steps', str(opts.steps), '--warmup', str(opts.warmup),
+                         '--device', opts.device]
+        kept, plain, ratios = [], [], []
+        for r in range(max(opts.steps, 3)):
+            order = (True, False) if r % 2 == 0 else (False, True)
+            ms = {keep: _cli_step_ms(flags, keep) for keep in order}
+            kept.append(ms[True])
+            plain.append(ms[False])
+            ratios.append(ms[False] / ms[True])
+        rows.append(Row(f'freed memory kept vs returned to the kernel (glibc malloc): {what}', 'ms per step',
+                        f'kept {statistics.median(kept):.0f} ms', f'returned {statistics.median(plain):.0f} ms',
+                        f'{statistics.median(ratios):.2f}x faster', 'report', ''))
+    return rows
+
+
 def batch1(opts: Options) -> list[Row]:
     rows = []
     for low in (False, True):
@@ -353,7 +409,8 @@ def gpu_compile(opts: Options) -> list[Row]:
 CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
     'attn_train': attn_train, 'attn_train_384': attn_train_384, 'attn_infer': attn_infer, 'bf16': bf16,
     'bf16_agreement': bf16_agreement, 'compile_infer': compile_infer, 'compile_train': compile_train,
-    'onnxruntime': onnxruntime, 'grad_checkpointing': grad_checkpointing, 'fast_stem': fast_stem, 'batch1': batch1,
+    'onnxruntime': onnxruntime, 'grad_checkpointing': grad_checkpointing, 'fast_stem': fast_stem,
+    'compiled_stem': compiled_stem, 'malloc': malloc, 'batch1': batch1,
     'int8': int8, 'openvino': openvino,
 }
 FULL_ONLY = {'compile_train'}
@@ -432,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown section(s) {', '.join(unknown)} for --device {args.device}: {', '.join(table)}")
     else:
         names = [n for n in table if opts.full or n not in FULL_ONLY]
+    # as the t2tvit command does (t2tvit.runtime): the in-process rows time what a user of the command gets
+    kept = t2tvit.runtime.keep_freed_memory()
     start, load_start = time.perf_counter(), _load()
     rows: list[Row] = []
     for name in names:
@@ -452,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         (f'Each setting: {opts.warmup} warm-up + {opts.steps} timed steps, alternating A/B; batch sizes '
         f'scaled by {opts.batch_scale:g}. Speed ratios are medians of per-round step-time ratios.'),
         f'Load average (1 min) at the start and the end: {load_start} and {_load()} (other work on the machine).',
+        ('glibc malloc keeps freed memory in this process, as the t2tvit command sets it (t2tvit.runtime): '
+         f"{'yes' if kept else 'no'}."),
         '',
         ('Peak memory of a step: what one step needs above the weights, optimizer state and batch already '
          'resident (CPU: growth of the peak RSS in a fresh process; GPU: of max allocated). GFLOP/s: the '

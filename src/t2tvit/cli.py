@@ -652,6 +652,8 @@ ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .runtime import keep_freed_memory
+    keep_freed_memory()
     try:
         return int(_RUNNERS[args.command](args) or 0)
     except UserError as e:
