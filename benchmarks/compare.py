@@ -264,9 +264,9 @@ def fast_stem(opts: Options) -> list[Row]:
 
 
 def compiled_stem(opts: Options) -> list[Row]:
-    # the fused stem through torch.compile (set_fused_stem(compile=True)), the blocks eager, against the same
-    # reference paths and DeiT-S as fast_stem's eager rows
-    a = _base(opts, 't2t_vit_14', 'infer', 32, compile_stem=True)
+    # the stem through torch.compile (set_compiled_stem), the blocks eager, against the same reference paths and
+    # DeiT-S as fast_stem's eager rows: the fused stem in inference, the unfold one in training
+    a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True, compile_stem=True)
     naive = replace(a, attn='naive', fused_stem=False, compile_stem=False)
     rows, ra, _ = _pair_rows('compiled fused stem vs reference path', a, naive, 'compiled stem', 'naive', 1.25,
                              None, memory=False)
@@ -281,6 +281,10 @@ def compiled_stem(opts: Options) -> list[Row]:
     rows += _vs_timm('bf16 compiled stem vs DeiT-S (eager)', low, 'vit_small_patch16_224', 'DeiT-S', 0.85)
     rows += _pair_rows('compiled vs eager fused stem', low, replace(low, compile_stem=False), 'compiled',
                        'eager', None, None, memory=False, note='report')[0]
+    t = _base(opts, 't2t_vit_14', 'train', 16, dtype='bf16', compile_stem=True)
+    rows += _pair_rows('bf16 training, compiled stem, vs reference path', t,
+                       replace(t, attn='naive', compile_stem=False), 'sdpa compiled stem', 'naive', 1.3, None,
+                       memory=False, loss_rows=True)[0]
     return rows
 
 

@@ -537,8 +537,8 @@ def _add_benchmark(sub):
                    help='inference with each soft split + LayerNorm + projection as one strided convolution '
                         '(model.set_fused_stem)')
     p.add_argument('--compile-stem', action='store_true',
-                   help='the fused stem through torch.compile, the blocks eager (model.set_fused_stem(True, '
-                        'compile=True); implies --fused-stem); prints the compile time')
+                   help='the T2T stem through torch.compile, the blocks eager (model.set_compiled_stem()): with '
+                        '--fused-stem the fused path, else the unfold one (training too); prints the compile time')
     p.add_argument('--attn', default='sdpa', choices=['sdpa', 'naive'],
                    help='naive: the reference explicit softmax(q k^T) v')
     p.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True); prints the compile time')

@@ -61,11 +61,9 @@ class BenchmarkConfig:
     cast_weights: bool = False
     # inference with the soft splits as strided convolutions (T2TViT.set_fused_stem)
     fused_stem: bool = False
-    # that fused stem through torch.compile, the blocks eager (set_fused_stem(compile=True)); implies fused_stem
+    # the T2T stem through torch.compile, the blocks eager (T2TViT.set_compiled_stem): the fused path with
+    # fused_stem, else the unfold path (training too)
     compile_stem: bool = False
-
-    def __post_init__(self):
-        self.fused_stem = self.fused_stem or self.compile_stem
 
     @property
     def lean(self) -> bool:
@@ -89,8 +87,7 @@ class BenchmarkConfig:
             raise UserError(
                 '--cast-weights casts the weights for bf16/fp16 inference: add --dtype bf16 (no --mode train)')
         if self.fused_stem and (self.mode != 'infer' or self.attn != 'sdpa'):
-            flag = '--compile-stem' if self.compile_stem else '--fused-stem'
-            raise UserError(f'{flag} is an inference path of the sdpa model: drop --mode train / --attn naive')
+            raise UserError('--fused-stem is an inference path of the sdpa model: drop --mode train / --attn naive')
         if self.compile_stem and (self.compile or self.dtype == 'int8'):
             raise UserError('--compile-stem compiles the stem alone: drop --compile (the whole model) or --dtype int8')
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
@@ -185,7 +182,9 @@ class StepRunner:
             model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
             model.set_lean_activations(cfg.lean)
             if cfg.fused_stem:
-                model.set_fused_stem(True, compile=cfg.compile_stem)
+                model.set_fused_stem(True)
+            if cfg.compile_stem:
+                model.set_compiled_stem(True)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         self.model = model.to(self.device).train(cfg.mode == 'train')
@@ -554,7 +553,8 @@ def format_result(r: BenchmarkResult) -> str:
     c = r.config
     mem = 'n/a' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f} MB'
     options = (' compiled' if c.compile else '') + (' weights cast once' if c.cast_weights else '') + (
-        ' fused stem compiled' if c.compile_stem else ' fused stem' if c.fused_stem else '') + (
+        ' ' + ' '.join(w for w, on in (('fused', c.fused_stem), ('compiled', c.compile_stem)) if on) + ' stem'
+        if c.fused_stem or c.compile_stem else '') + (
         ' grad-checkpointing' if c.grad_checkpointing else '') + (
         f" activations={'lean' if c.lean else 'plain'}" if c.mode == 'train' else '')
     fraction = r.peak_fraction

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .attention import TokenAttention
 from .checkpointing import checkpoint_block
-from .lean import LeanSaving, lean_saving_applies, timm_mlp
+from .lean import LeanSaving, is_fx_symbolic_tracing, lean_saving_applies, timm_mlp
 from .performer import TokenPerformer
 from timm.layers import Mlp
 
@@ -237,9 +237,9 @@ class T2TModule(nn.Module):
         # float32 cancellation, outside the 1e-4 parity the default path keeps on every input
         self.fusable = not self.is_conv and attn_impl != 'naive'
         self.fused_split = False
-        # the fused path through torch.compile (T2TViT.set_fused_stem(compile=True)): a flag, not a compiled
-        # callable held by the module, so copies of the model (EMA, deepcopy) compile their own weights' calls
-        self.compile_fused = False
+        # the stem through torch.compile (T2TViT.set_compiled_stem): a flag, not a compiled callable held by the
+        # module, so copies of the model (EMA, deepcopy) run their own weights through the shared compiled code
+        self.compile_stem = False
 
     def _split_grid(self, h: int, w: int, i: int) -> Tuple[int, int]:
         k, s, p = self.kernel_sizes[i], self.strides[i], self.paddings[i]
@@ -279,16 +279,22 @@ class T2TModule(nn.Module):
         return split_project(stage2, self.project, k2, s2, p2), [stage1, stage2]
 
     @torch.jit.unused
-    def _forward_fused_maybe_compiled(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        if self.compile_fused and not torch.compiler.is_compiling():
-            return compiled_forward_fused()(self, x)
-        return self.forward_fused(x)
+    def _compile_applies(self) -> bool:
+        return (self.compile_stem and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                and not is_fx_symbolic_tracing())
 
     def forward_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Tokens and the two restructurized stage outputs (B, token_dim, H_i, W_i)."""
         if not torch.jit.is_scripting():
+            if self._compile_applies():
+                return compiled_stages()(self, x)
+        return self.stages(x)
+
+    def stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``forward_stages`` run eagerly: the fused path where it applies, else the reference unfold."""
+        if not torch.jit.is_scripting():
             if self._fused_applies():
-                return self._forward_fused_maybe_compiled(x)
+                return self.forward_fused(x)
         B, _, H, W = x.shape
         stages: List[torch.Tensor] = []
         if self.is_conv:
@@ -322,17 +328,18 @@ class T2TModule(nn.Module):
         return self.forward_stages(x)[0]
 
 
-_COMPILED_FUSED = []
+_COMPILED_STAGES = []
 
 
-def compiled_forward_fused():
-    """``T2TModule.forward_fused`` through ``torch.compile(fullgraph=True)``, made on first use and shared.
+def compiled_stages():
+    """``T2TModule.stages`` through ``torch.compile``, made on first use and shared by every T2T module.
 
-    The stem is a few percent of the MACs but a third of a bf16 forward pass on CPU: element-wise passes over
-    (B, 3136, 64) tensors between small matmuls, which inductor fuses into a few loops. The module is an
-    argument, not a closure: its parameters are graph inputs, so every model of one architecture (and its
-    copies) shares the compiled code; a new batch size or architecture recompiles once.
+    The stem is a few percent of the MACs but, on a CPU, a third of a bf16 forward pass: element-wise passes
+    and dtype copies over (B, 3136, 64) tensors between small matmuls, which inductor fuses into a few loops
+    (forward and backward alike). The module is an argument, not a closure: its parameters are graph inputs,
+    so every model of one architecture (and its copies) shares the compiled code; a new batch size,
+    architecture, train/eval mode or fused/unfold path compiles once more.
     """
-    if not _COMPILED_FUSED:
-        _COMPILED_FUSED.append(torch.compile(T2TModule.forward_fused, fullgraph=True))
-    return _COMPILED_FUSED[0]
+    if not _COMPILED_STAGES:
+        _COMPILED_STAGES.append(torch.compile(T2TModule.stages))
+    return _COMPILED_STAGES[0]

@@ -218,17 +218,23 @@ class T2TViT(nn.Module):
                 module.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
-    def set_fused_stem(self, enable: bool = True, compile: bool = False):
+    def set_fused_stem(self, enable: bool = True):
         """Inference with each soft split + LayerNorm + projection as one strided convolution (``layers/t2t.py``):
         no patch matrices, faster on CPUs; logits within 1e-4 of the reference except on patches flat in every
-        channel (~1e-3 there). Training and ``attn_impl='naive'`` always take the reference unfold path.
-
-        ``compile``: run that fused stem through ``torch.compile`` (the blocks stay eager), which fuses its
-        element-wise passes; the first call compiles (20 to 40 s on a 2-core CPU, cached after)."""
+        channel (~1e-3 there). Training and ``attn_impl='naive'`` always take the reference unfold path."""
         for module in self.modules():
             if isinstance(module, T2TModule):
                 module.fused_split = bool(enable) and module.fusable
-                module.compile_fused = module.fused_split and bool(compile)
+
+    @torch.jit.ignore
+    def set_compiled_stem(self, enable: bool = True):
+        """Run the T2T stem through ``torch.compile``, the blocks eager: whichever path it takes (the fused one
+        of ``set_fused_stem`` in inference, the unfold one in training), its element-wise passes fuse. The first
+        call in each mode compiles (10 to 70 s on a 2-core CPU). TorchScript, ONNX and fx tracing see the plain
+        module. Same numbers as eager up to float rounding; in training the dropout masks differ (inductor's RNG)."""
+        for module in self.modules():
+            if isinstance(module, T2TModule):
+                module.compile_stem = bool(enable)
 
     @torch.jit.ignore
     def set_lean_activations(self, enable: bool = True):
