@@ -232,20 +232,6 @@ def test_memory_options_train_the_same_weights(folder, tmp_path, flags, key, val
     assert a['config']['activations'] == 'lean' and b['config'][key] == value
 
 
-def test_compile_stem_trains_and_saves_plain_weights(folder, tmp_path):
-    out = tmp_path / 'compiled'
-    assert main(_resume_args(folder, out) + ['--epochs', '1', '--compile-stem']) == 0
-    ckpt = load(out / 'last.pth')
-    assert ckpt['config']['compile_stem'] is True
-    # the weights are the plain model's keys (no compile wrapper) and load into a model built without the flag
-    import t2tvit
-    model = t2tvit.create_model(None, checkpoint_path=str(out / 'last.pth')).eval()
-    assert not model.tokens_to_token.compile_stem
-    assert all(torch.isfinite(v).all() for v in ckpt['model'].values())
-    rows = list(csv.DictReader((out / 'metrics.csv').open()))
-    assert len(rows) == 1 and float(rows[0]['train_loss']) > 0
-
-
 def test_sigterm_mid_epoch_saves_and_resume_matches(tmp_path):
     """SIGTERM: last.pth at the end of the current step, exit 143, a resume line; the resumed run is exact."""
     folder = write_folder(tmp_path / 'data', train=40, val=2)  # 60 steps of batch 2 per epoch

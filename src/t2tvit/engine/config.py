@@ -57,7 +57,7 @@ def _flag(*names: str, **kw) -> Flag:
     return Flag(names=names, **kw)
 
 
-OPT, AUG, KD, MEM = 'optimization', 'augmentation and regularization', 'knowledge distillation', 'memory and speed'
+OPT, AUG, KD, MEM = 'optimization', 'augmentation and regularization', 'knowledge distillation', 'memory'
 
 # ``finetune=`` values are the reference transfer recipe (transfer_learning.py with the README's flags): CIFAR
 # at 224, plain (not Nesterov) SGD momentum 0.9 (timm's 'momentum'; its 'sgd' is Nesterov), lr 0.05 at batch
@@ -151,10 +151,6 @@ class RunConfig:
                                'outputs (layers/lean.py), the same weights in less memory; plain: keep the outputs '
                                '(a few % faster on small models, whose memory is no concern)', choices=ACTIVATIONS,
                                flag=_flag(group=MEM))
-    compile_stem: bool = setting(False, 'run the T2T stem through torch.compile, the blocks eager: its element-wise '
-                                 'passes fuse (on CPU about 1.1x a bf16 step; the first steps of training and of '
-                                 'evaluation compile), the same weights up to float rounding and dropout masks',
-                                 flag=_flag(group=MEM, switch='on'))
 
     # -- evaluation preprocessing; None: the model's pretrained_cfg (CIFAR's statistics on CIFAR)
     mean: Optional[Tuple[float, float, float]] = setting(None, 'normalisation mean')
@@ -359,8 +355,10 @@ def check(cfg: RunConfig) -> RunConfig:
     )
     need(0.0 <= cfg.distill_alpha <= 1.0, f'--distill-alpha {cfg.distill_alpha}: must be within [0, 1]')
     need(cfg.distill_tau > 0, f'--distill-tau {cfg.distill_tau}: must be positive')
-    for switch in ('grad_checkpointing', 'compile_stem'):
-        need(isinstance(getattr(cfg, switch), bool), f'{switch} {getattr(cfg, switch)!r}: true or false')
+    need(
+        isinstance(cfg.grad_checkpointing, bool),
+        f'grad_checkpointing {cfg.grad_checkpointing!r}: true or false',
+    )
     mixing = cfg.mixup > 0 or cfg.cutmix > 0
     need(
         not mixing or cfg.batch_size % 2 == 0,

@@ -148,10 +148,6 @@ def _build_model(cfg: RunConfig, num_classes: int, resume: Optional[Dict[str, An
         model.set_grad_checkpointing(True)
     if hasattr(model, 'set_lean_activations'):  # t2tvit's models; other timm models train plainly
         model.set_lean_activations(cfg.activations == 'lean')
-    if cfg.compile_stem:
-        if not hasattr(model, 'set_compiled_stem'):
-            raise UserError(f'--compile-stem: {cfg.model} has no T2T stem (a t2tvit model has)')
-        model.set_compiled_stem(True)
     return model, dataclasses.replace(cfg, **builders.data_settings(model, cfg), model_kwargs=arch)
 
 
