@@ -35,8 +35,9 @@ def keep_freed_memory() -> bool:
     if os.environ.get(ENV, '1') != '0' and platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc':
         try:
             libc = ctypes.CDLL('libc.so.6')
-            # 1 GiB: every tensor of a step below it comes from the heap; 16 GiB: freed memory is not trimmed
-            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 34))
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # a C int: larger values would wrap silently
+            # 1 GiB: every tensor of a step below it comes from the heap; the largest int: the heap is not trimmed
+            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
             libc.mallopt(_M_TOP_PAD, 64 << 20)
         except (OSError, AttributeError):
             ok = False
