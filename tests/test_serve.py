@@ -191,6 +191,44 @@ def test_concurrent_requests_run_as_batches_with_the_same_answers(checkpoint):
         s.stop()
 
 
+def test_serve_predicts_in_the_precision_it_is_given_and_explains_in_float32(checkpoint):
+    # bf16 weights cast once, the fused stem compiled before the server listens (batch sizes 1 and 2: then any)
+    s = Server(['--checkpoint', str(checkpoint), '--dtype', 'bf16', '--cast-weights', '--fused-stem',
+                '--compile-stem', '--max-batch', '8', '--max-wait-ms', '500'], timeout=300)
+    try:
+        status, info = s.get_json('/v1/model')
+        assert status == 200 and info['precision'] == 'bf16 (weights cast once), fused stem, compiled stem'
+        assert (info['dtype'], info['cast_weights'], info['fused_stem'], info['compile_stem']) == ('bf16', True, True,
+                                                                                                    True)
+        rng = np.random.default_rng(2)
+        images = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda img: s.post_image(_png(img), '/v1/predict?topk=10'), images))
+        for image, (status, _, answer) in zip(images, answers):
+            assert status == 200, answer
+            expected = _expected(checkpoint, image)  # float32
+            got = torch.tensor([_probs(answer)[i] for i in range(10)])
+            assert (got - expected).abs().max() < 1e-2 and (got - expected).abs().max() > 0  # bf16, not float32
+        status, headers, png = s.post_image(_png(_digit()), '/v1/explain')
+        assert status == 200 and headers['content-type'] == 'image/png'
+    finally:
+        s.stop()
+
+
+def test_an_int8_server_model_keeps_float32_weights_for_its_pictures(checkpoint):
+    from t2tvit.precision import InferencePrecision
+    from t2tvit.serve.model import load_served_model
+    served = load_served_model(None, str(checkpoint), precision=InferencePrecision('int8'), device='cpu')
+    kinds = {type(m) for m in served.fast.blocks.modules() if type(m).__name__ == 'Linear'}
+    assert kinds and all('quantized.dynamic' in kind.__module__ for kind in kinds)
+    assert all(p.dtype == torch.float32 for p in served.model.parameters())
+    assert any(type(m) is torch.nn.Linear for m in served.model.blocks.modules())
+    x = served.preprocess(_digit())[None]
+    expected = _expected(checkpoint, _digit())
+    assert (served.probabilities(x)[0] - expected).abs().max() < 1e-2
+    assert served.describe()['precision'] == 'int8' and served.rollout_png(x[0])[:4] == b'\x89PNG'
+
+
 def test_a_request_that_comes_alone_does_not_wait_for_the_window(checkpoint):
     s = Server(['--checkpoint', str(checkpoint), '--max-wait-ms', '5000'])
     try:

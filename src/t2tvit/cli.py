@@ -55,9 +55,11 @@ def _field_flag(p, name: str, **overrides):
                        **{**kw, 'help': kw['help'] if flag.switch == 'off' else f'{names[-1]} off'})
 
 
-def _shared(model=None, img_size=None, output=None, weights=None, progress=False) -> argparse.ArgumentParser:
+def _shared(model=None, img_size=None, output=None, weights=None, progress=False,
+            inference=None) -> argparse.ArgumentParser:
     """A parent parser of the flags every command spells the same way: --model, --img-size, -o/--output (with
-    the hidden old spelling --out), --checkpoint/--pretrained, --no-progress. Each argument is None (not in
+    the hidden old spelling --out), --checkpoint/--pretrained, --no-progress, and the inference precision
+    (--dtype, --cast-weights, --fused-stem, --compile-stem: t2tvit/precision.py). Each argument is None (not in
     this command) or this command's overrides ({'required': True}, {'default': ..., 'help': ...})."""
     p = argparse.ArgumentParser(add_help=False)
     for name, given in (('model', model), ('img_size', img_size), ('output', output)):
@@ -69,7 +71,31 @@ def _shared(model=None, img_size=None, output=None, weights=None, progress=False
         _add_weights(p, **weights)
     if progress:
         _field_flag(p, 'progress', default=True)
+    if inference is not None:
+        _add_inference(p, **inference)
     return p
+
+
+def _add_inference(p, dtype_default='fp32', dtype_help='', compile_note=''):
+    from .precision import INFER_DTYPES
+    p.add_argument('--dtype', default=dtype_default, choices=INFER_DTYPES,
+                   help=dtype_help or 'fp32 (default); bf16/fp16: autocast over the float32 weights (--cast-weights: '
+                   'cast once); int8: the blocks\' and head\'s Linear layers dynamically quantized (CPU)')
+    p.add_argument('--cast-weights', action='store_true',
+                   help='bf16/fp16 inference with the weights cast once (model.to(dtype)), not autocast')
+    p.add_argument('--fused-stem', action='store_true',
+                   help='inference with each soft split + LayerNorm + projection as one strided convolution '
+                        '(model.set_fused_stem)')
+    p.add_argument('--compile-stem', action='store_true',
+                   help='the T2T stem through torch.compile, the blocks eager (model.set_compiled_stem()): with '
+                        '--fused-stem the fused path, else the unfold one; the first batch compiles (seconds to '
+                        'a minute on a CPU)' + compile_note)
+
+
+def _precision(args):
+    """The InferencePrecision of the --dtype/--cast-weights/--fused-stem/--compile-stem flags."""
+    from .precision import InferencePrecision
+    return InferencePrecision(args.dtype or 'fp32', args.cast_weights, args.fused_stem, args.compile_stem)
 
 
 def _use_pretrained(args) -> None:
@@ -365,11 +391,17 @@ def _add_finetune(sub):
 # -- validate / predict ---------------------------------------------------------------------------
 def _run_validate(args) -> int:
     from .engine.evaluate import validate
+    precision = None
+    if args.dtype or args.cast_weights or args.fused_stem or args.compile_stem:
+        if args.amp is not None:
+            raise UserError('--amp picks autocast by itself: with --dtype, --cast-weights or a stem flag drop it '
+                            '(--dtype bf16 is --amp on a CPU)')
+        precision = _precision(args)
     try:
         _use_pretrained(args)
         m = validate(args.checkpoint, model_name=args.model, data=args.data, dataset=args.dataset,
                      img_size=args.img_size, crop_pct=args.crop_pct, batch_size=args.batch_size, amp=args.amp,
-                     workers=args.workers, device=args.device, progress=args.progress)
+                     workers=args.workers, device=args.device, progress=args.progress, precision=precision)
     except UserError:
         if _quiet_rank():
             return UserError.exit_code
@@ -381,17 +413,21 @@ def _run_validate(args) -> int:
     if args.json:
         print(json.dumps({k: m[k] for k in ('top1', 'top5', 'loss', 'images', 'img_per_s')}))
     else:
+        how = f', {precision.describe()}' if precision is not None else ''
         print(f"{m['model']} {m['checkpoint']}: top1 {m['top1']:.2f}  top5 {m['top5']:.2f}  "
-              f"loss {m['loss']:.4f}  ({m['images']} images at {m['img_size']}px, crop {m['crop_pct']:g}, "
+              f"loss {m['loss']:.4f}  ({m['images']} images at {m['img_size']}px, crop {m['crop_pct']:g}{how}, "
               f"{m['img_per_s']:.0f} img/s)")
     return 0
 
 
 def _add_validate(sub):
     p = _command(sub, 'validate', 'top-1/top-5 and loss of a checkpoint (EMA weights by default)',
-                 _run_validate, parents=[_shared(model={}, img_size={}, progress=True,
-                                                 weights={'checkpoint_help': 'the weights to evaluate',
-                                                          'required': True})])
+                 _run_validate, parents=[_shared(
+                     model={}, img_size={}, progress=True,
+                     weights={'checkpoint_help': 'the weights to evaluate', 'required': True},
+                     inference={'dtype_default': None,
+                                'dtype_help': 'as in predict (fp32, bf16/fp16 autocast or with --cast-weights, int8 on '
+                                              'the CPU); not given: --amp decides'})])
     p.add_argument('data', nargs='?', metavar='DATA',
                    help='DATA/val (or DATA holding class folders), a CIFAR folder with --dataset; '
                         'omitted: the data the checkpoint was trained on')
@@ -405,8 +441,11 @@ def _add_validate(sub):
 def _run_predict(args) -> int:
     from .engine.evaluate import predict_files
     _use_pretrained(args)
+    if args.batch_size < 1:
+        raise UserError(f'--batch-size must be at least 1, got {args.batch_size}')
     results = predict_files(args.images, args.checkpoint, model_name=args.model, img_size=args.img_size,
-                            topk=args.topk, device=args.device)
+                            topk=args.topk, device=args.device, precision=_precision(args),
+                            batch_size=args.batch_size)
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
@@ -418,10 +457,12 @@ def _run_predict(args) -> int:
 
 def _add_predict(sub):
     p = _command(sub, 'predict', 'top-k classes of image files (names from the checkpoint, or ImageNet)',
-                 _run_predict, parents=[_shared(model={}, img_size={}, weights={
+                 _run_predict, parents=[_shared(model={}, img_size={}, inference={}, weights={
                      'checkpoint_help': 'the weights to predict with', 'required': True})])
     p.add_argument('images', nargs='+', metavar='IMAGE')
     p.add_argument('--topk', type=int, default=5)
+    p.add_argument('-b', '--batch-size', type=int, default=32, metavar='B',
+                   help='images through the model at a time (default 32)')
     _field_flag(p, 'device', default=None)
     p.add_argument('--json', action='store_true',
                    help='print a list of {"image", "top": [{"class", "prob"}]}')
@@ -524,21 +565,14 @@ def _run_benchmark(args) -> int:
 def _add_benchmark(sub):
     p = _command(sub, 'benchmark', 'time training or inference steps: img/s, ms/step, peak memory of a step, '
                  'GFLOP/s against the matmul peak of this device', _run_benchmark,
-                 parents=[_shared(model={'required': True}, img_size={})])
+                 parents=[_shared(model={'required': True}, img_size={}, inference={
+                     'dtype_help': 'fp32 (default); bf16/fp16 under autocast over float32 weights (inference with '
+                                   '--cast-weights: cast once); int8: the blocks and head dynamically quantized (CPU '
+                                   'inference)',
+                     'compile_note': '; also trains (the unfold path); prints the compile time'})])
     p.add_argument('--mode', default='infer', choices=['infer', 'train'],
                    help='infer: forward under inference_mode; train: forward, backward and AdamW step')
     p.add_argument('-b', '--batch-size', type=int, default=32, metavar='B')
-    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16', 'fp16', 'int8'],
-                   help='bf16/fp16 run under autocast with float32 weights; int8: the blocks and head dynamically '
-                        'quantized (CPU inference)')
-    p.add_argument('--cast-weights', action='store_true',
-                   help='bf16/fp16 inference with the weights cast once (model.to(dtype)), not autocast')
-    p.add_argument('--fused-stem', action='store_true',
-                   help='inference with each soft split + LayerNorm + projection as one strided convolution '
-                        '(model.set_fused_stem)')
-    p.add_argument('--compile-stem', action='store_true',
-                   help='the T2T stem through torch.compile, the blocks eager (model.set_compiled_stem()): with '
-                        '--fused-stem the fused path, else the unfold one (training too); prints the compile time')
     p.add_argument('--attn', default='sdpa', choices=['sdpa', 'naive'],
                    help='naive: the reference explicit softmax(q k^T) v')
     p.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True); prints the compile time')
@@ -622,7 +656,8 @@ def _add_serve(sub):
                  "(pip install 't2tvit[serve]')", _run_serve, parents=[_shared(
                      model={'help': 'registered model name, or NAME.TAG (default: the one the checkpoint names)'},
                      weights={'checkpoint_help': 'the weights to serve (any layout `t2tvit predict` reads)',
-                              'required': True})])
+                              'required': True},
+                     inference={'compile_note': '; compiled before the server listens'})])
     p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
     p.add_argument('--port', type=int, default=8000, help='default 8000; 0 picks a free one (printed)')
     p.add_argument('--max-batch', type=int, default=16, metavar='B', help='images run together at most (default 16)')
@@ -630,7 +665,6 @@ def _add_serve(sub):
                    help='how long the oldest waiting image may wait for requests still arriving (default 5)')
     p.add_argument('--max-queue', type=int, default=64, metavar='N',
                    help='images waiting at most; past it a request gets 503 with Retry-After (default 64)')
-    p.add_argument('--dtype', default='fp32', choices=['fp32', 'bf16'], help='bf16: autocast over float32 weights')
     p.add_argument('--device', help='cpu, cuda, cuda:1 (default: cuda if available)')
 
 

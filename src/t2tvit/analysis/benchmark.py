@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..precision import InferencePrecision
 from .benchmark_keys import JSON_FIELDS, JSON_KEYS  # noqa: F401  (JSON_KEYS: the public name)
 
 MODES = ('infer', 'train')
@@ -64,6 +65,11 @@ class BenchmarkConfig:
     # the T2T stem through torch.compile, the blocks eager (T2TViT.set_compiled_stem): the fused path with
     # fused_stem, else the unfold path (training too)
     compile_stem: bool = False
+
+    @property
+    def precision(self) -> InferencePrecision:
+        """The inference dtype and stem paths, as ``t2tvit predict`` and ``serve`` take them."""
+        return InferencePrecision(self.dtype, self.cast_weights, self.fused_stem, self.compile_stem)
 
     @property
     def lean(self) -> bool:
@@ -178,23 +184,24 @@ class StepRunner:
         self.img_size = cfg.img_size or model_img_size(cfg.model)
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
+        precision = cfg.precision
         if model is None:
             model = create_model(cfg.model, img_size=self.img_size, attn_impl=cfg.attn)
             model.set_lean_activations(cfg.lean)
-            if cfg.fused_stem:
-                model.set_fused_stem(True)
-            if cfg.compile_stem:
-                model.set_compiled_stem(True)
+        else:  # a timm model of --compare: no T2T stem
+            precision = dataclasses.replace(precision, fused_stem=False, compile_stem=False)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        self.model = model.to(self.device).train(cfg.mode == 'train')
         self.x = torch.randn(cfg.batch, 3, self.img_size, self.img_size, device=self.device)
-        if cfg.dtype == 'int8':
-            from ..quantize import quantize_int8
-            self.model = model = quantize_int8(model)
-        elif cfg.cast_weights:
-            self.model = model = model.to(DTYPES[cfg.dtype])
-            self.x = self.x.to(DTYPES[cfg.dtype])
+        if cfg.mode == 'infer':
+            # the model predict, validate and serve run: weights cast or quantized once, the stem flags set
+            model = precision.prepare(model, self.device, cfg.model)
+            self.x = self.x.to(precision.input_dtype)
+        else:
+            if precision.compile_stem:
+                model.set_compiled_stem(True)
+            model = model.to(self.device).train()
+        self.model = model
         if cfg.mode == 'train':
             self.y = torch.randint(0, model.num_classes, (cfg.batch,), device=self.device)
             self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -427,21 +434,14 @@ def top1_agreement(model: torch.nn.Module, images: torch.Tensor, dtype: str = 'b
     """Fraction of ``images`` whose top-1 class under ``dtype`` autocast (``cast_weights``: with the weights
     cast once; ``int8``: quantized) equals the float32 one, and the fraction whose low-precision top-1 is
     among the float32 top-5."""
-    import copy
     model = model.eval().to(device)
-    if dtype == 'int8':
-        from ..quantize import quantize_int8
-        low_model, low_dtype, autocast = quantize_int8(model), torch.float32, False
-    elif cast_weights:
-        low_model, low_dtype, autocast = copy.deepcopy(model).to(DTYPES[dtype]), DTYPES[dtype], False
-    else:
-        low_model, low_dtype, autocast = model, torch.float32, True
+    precision = InferencePrecision(dtype, cast_weights)
+    low_model = precision.prepare(model, device)
     agree = in_top5 = 0
     for chunk in images.split(batch):
         chunk = chunk.to(device)
         ref = model(chunk).float()
-        with torch.autocast(device, dtype=DTYPES.get(dtype, torch.float32), enabled=autocast):
-            low = low_model(chunk.to(low_dtype)).float()
+        low = precision.logits(low_model, chunk)
         top1 = low.argmax(dim=-1)
         agree += int((top1 == ref.argmax(dim=-1)).sum())
         in_top5 += int((ref.topk(5, dim=-1).indices == top1[:, None]).any(dim=-1).sum())

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..precision import InferencePrecision
 from .distributed import DistEnv, all_reduce
 
 
@@ -24,8 +25,11 @@ def evaluate(
     progress: bool = False,
     desc: str = 'val',
     should_stop: Callable[[], bool] = lambda: False,
+    input_dtype: torch.dtype = torch.float32,
 ) -> Optional[Dict[str, Any]]:
     """Cross-entropy, top-1/top-5 (%) over every image of the loader's dataset (all ranks together).
+
+    ``input_dtype``: the dtype of a model whose weights were cast once (``InferencePrecision.input_dtype``).
 
     Returns None when ``should_stop`` turns true part-way (an interrupted run re-evaluates on resume).
     """
@@ -40,7 +44,7 @@ def evaluate(
         sums[4] += len(bad)
         failed += bad[: max(0, 5 - len(failed))]
         if images.numel():
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, dtype=input_dtype, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             with autocast():
                 logits = model(images)
@@ -89,7 +93,6 @@ def check_failures(failed_count: int, total: int, first: Sequence[str], where: s
     return f'skipped {failed_count} {where} image(s) that failed to decode (first: {names})'
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     paths: Sequence[str],
@@ -97,33 +100,35 @@ def predict(
     class_names: Sequence[str],
     device: torch.device,
     topk: int = 5,
-    autocast: Callable[[], Any] = contextlib.nullcontext,
+    precision: Optional[InferencePrecision] = None,
+    batch_size: int = 32,
 ) -> List[Dict[str, Any]]:
-    """Top-k classes with probabilities for each image file (RGB conversion of any PIL mode)."""
+    """Top-k classes with probabilities for each image file (RGB conversion of any PIL mode), ``batch_size``
+    files through the model at a time; ``model`` as ``precision.prepare`` made it."""
     from ..data import load_image
 
+    precision = precision or InferencePrecision()
     model.eval()
     results = []
-    for path in paths:
-        x = transform(load_image(path)).unsqueeze(0).to(device)
-        with autocast():
-            logits = model(x)
-        probs = logits.float().softmax(dim=1)[0]
-        k = min(topk, probs.numel())
-        p, idx = probs.topk(k)
-        results.append(
-            {
-                'image': str(path),
-                'top': [
-                    {
-                        'class': class_names[i] if i < len(class_names) else str(i),
-                        'index': int(i),
-                        'prob': float(q),
-                    }
-                    for q, i in zip(p.tolist(), idx.tolist())
-                ],
-            }
-        )
+    for start in range(0, len(paths), max(1, batch_size)):
+        chunk = paths[start:start + max(1, batch_size)]
+        x = torch.stack([transform(load_image(path)) for path in chunk]).to(device)
+        probs = precision.logits(model, x).softmax(dim=1)
+        k = min(topk, probs.shape[1])
+        for path, (p, idx) in zip(chunk, zip(*probs.topk(k, dim=1))):
+            results.append(
+                {
+                    'image': str(path),
+                    'top': [
+                        {
+                            'class': class_names[i] if i < len(class_names) else str(i),
+                            'index': int(i),
+                            'prob': float(q),
+                        }
+                        for q, i in zip(p.tolist(), idx.tolist())
+                    ],
+                }
+            )
     return results
 
 
@@ -164,10 +169,12 @@ def validate(
     workers: int = 4,
     device: Optional[str] = None,
     progress: bool = True,
+    precision: Optional[InferencePrecision] = None,
 ) -> Dict[str, Any]:
     """top-1/top-5/loss of a checkpoint (EMA weights when it has them) on DATA/val, CIFAR test or digits val.
 
-    Without DATA, the data the checkpoint was trained on (recorded in our checkpoints) is used.
+    Without DATA, the data the checkpoint was trained on (recorded in our checkpoints) is used. ``precision``
+    (``--dtype`` and the stem flags) replaces ``amp``'s autocast when given.
     """
     from .. import data as D
     from .builders import autocast_setup, model_for_checkpoint, train_config
@@ -175,6 +182,8 @@ def validate(
 
     env = init_distributed(device)
     try:
+        if precision is not None:
+            precision.check(env.device)
         model, ckpt, model_name = model_for_checkpoint(model_name, checkpoint, img_size)
         trained_on = train_config(ckpt)
         if data is None and dataset is None:
@@ -200,10 +209,16 @@ def validate(
             workers,
             pin_memory=env.device.type == 'cuda',
         )
-        autocast, _, _ = autocast_setup(env.device, amp, 'auto')
-        model.to(env.device)
+        if precision is None:
+            autocast, _, _ = autocast_setup(env.device, amp, 'auto')
+            model.to(env.device)
+            input_dtype = torch.float32
+        else:
+            model = precision.prepare(model, env.device, model_name)
+            autocast, input_dtype = (lambda: precision.autocast(env.device)), precision.input_dtype
         metrics = evaluate(
-            model, loader, env.device, env=env, autocast=autocast, progress=progress, desc='validate'
+            model, loader, env.device, env=env, autocast=autocast, progress=progress, desc='validate',
+            input_dtype=input_dtype,
         )
         note = check_failures(metrics['failed_count'], len(ds), metrics['failed'], 'validation')
         metrics.update(
@@ -226,18 +241,21 @@ def predict_files(
     img_size: Optional[int] = None,
     topk: int = 5,
     device: Optional[str] = None,
+    precision: Optional[InferencePrecision] = None,
+    batch_size: int = 32,
 ) -> List[Dict[str, Any]]:
     """Top-k classes of each image file; names from the checkpoint's data or ImageNet's for 1000 classes."""
     from .. import data as D
     from .builders import model_for_checkpoint, train_config
     from .distributed import pick_device
 
-    model, ckpt, _ = model_for_checkpoint(model_name, checkpoint, img_size)
+    dev = pick_device(device)
+    precision = (precision or InferencePrecision()).check(dev)
+    model, ckpt, model_name = model_for_checkpoint(model_name, checkpoint, img_size)
     pre = _preprocessing(model, train_config(ckpt), None)
     names = checkpoint_class_names(model, ckpt, descriptions=True) or [str(i) for i in range(model.num_classes)]
-    dev = pick_device(device)
-    model.to(dev)
+    model = precision.prepare(model, dev, model_name)
     transform = D.eval_transform(
         pre['img_size'], pre['mean'], pre['std'], pre['crop_pct'], pre['interpolation']
     )
-    return predict(model, paths, transform, names, dev, topk=topk)
+    return predict(model, paths, transform, names, dev, topk=topk, precision=precision, batch_size=batch_size)

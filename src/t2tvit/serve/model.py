@@ -2,11 +2,10 @@
 
 Everything here runs on the model's own thread (see batching.py); nothing imports the web stack.
 """
-import contextlib
 import io
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -16,24 +15,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..precision import InferencePrecision
 
-DTYPES = {'fp32': None, 'bf16': torch.bfloat16}
 OVERLAY_MIN_PX = 256  # small inputs (the 32 px digits) are enlarged so the overlay can be seen
 
 
 @dataclass
 class ServedModel:
+    """``model`` (float32) draws the explain pictures; predictions run through the copy that ``precision``
+    makes of it (weights cast or quantized once, the fast stem paths: ``t2tvit serve --dtype ...``)."""
     model: nn.Module
     name: str
     weights: str
     class_names: List[str]
     preprocessing: Dict[str, Any]
     transform: Callable
-    dtype: str = 'fp32'
+    precision: InferencePrecision = field(default_factory=InferencePrecision)
     device: str = 'cpu'
 
     def __post_init__(self):
         self._resize, self._normalise = _split_transform(self.transform)
+        self.fast = self.precision.prepare(self.model, self.device, self.name)
+
+    @property
+    def dtype(self) -> str:
+        return self.precision.dtype
 
     def preprocess(self, image) -> torch.Tensor:
         """An RGB PIL image -> (C, H, W) pixels, resized and cropped as the model was trained (uint8).
@@ -47,22 +53,23 @@ class ServedModel:
         """Batched (B, C, H, W) pixels from :meth:`preprocess` -> the normalised float input."""
         return self._normalise(x)
 
-    def _autocast(self):
-        if DTYPES[self.dtype] is None:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.device).type, dtype=DTYPES[self.dtype])
-
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, classes) softmax, float32 on the CPU."""
-        with torch.inference_mode(), self._autocast():
-            logits = self.model(self.normalise(x.to(self.device)))
-        return logits.float().softmax(dim=1).cpu()
+        return self.precision.logits(self.fast, self.normalise(x.to(self.device))).softmax(dim=1).cpu()
+
+    def warm_up(self, batch_sizes=(1, 2)) -> None:
+        """Run blank batches, so that a compiled stem compiles (a static and a dynamic batch size) before the
+        first request rather than during it."""
+        size = self.preprocessing['img_size']
+        for b in batch_sizes:
+            self.probabilities(torch.zeros(b, 3, size, size, dtype=torch.uint8))
 
     def describe(self) -> Dict[str, Any]:
         return {'model': self.name, 'weights': self.weights, 'num_classes': len(self.class_names),
                 'class_names': self.class_names,
                 'input_size': [3, self.preprocessing['img_size'], self.preprocessing['img_size']],
-                'preprocessing': self.preprocessing, 'dtype': self.dtype, 'device': self.device,
+                'preprocessing': self.preprocessing, **self.precision.as_json(),
+                'precision': self.precision.describe(), 'device': self.device,
                 't2t_stages': 't2t1' in _layer_names(self.model)}
 
     def _image(self, x: torch.Tensor) -> np.ndarray:
@@ -133,12 +140,14 @@ def _layer_names(model: nn.Module) -> Dict[str, int]:
 
 
 def load_served_model(name: Optional[str], checkpoint: Optional[str] = None, pretrained: bool = False,
-                      dtype: str = 'fp32', device: Optional[str] = None) -> ServedModel:
-    """The model of ``--model`` with ``--checkpoint`` or ``--pretrained`` weights, in eval mode."""
+                      precision: Optional[InferencePrecision] = None, device: Optional[str] = None) -> ServedModel:
+    """The model of ``--model`` with ``--checkpoint`` or ``--pretrained`` weights, in eval mode, predicting
+    in ``precision`` (default float32)."""
     from ..engine.builders import model_for_checkpoint
     from ..factory import pretrained_weights
-    if dtype not in DTYPES:
-        raise UserError(f'--dtype {dtype}: choose from {", ".join(DTYPES)}')
+    precision = precision or InferencePrecision()
+    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    precision.check(dev)
     if pretrained:
         if not name:
             raise UserError('--pretrained needs --model NAME or NAME.TAG (`t2tvit models --pretrained` lists them)')
@@ -150,10 +159,9 @@ def load_served_model(name: Optional[str], checkpoint: Optional[str] = None, pre
     model, ckpt, name = model_for_checkpoint(name, checkpoint)
     model.eval()
     pre, class_names, transform = _inputs_and_classes(model, ckpt)
-    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model.to(dev)
     weights = 'pretrained ' + name if pretrained else Path(checkpoint).name
-    return ServedModel(model, name, weights, class_names, pre, transform, dtype, dev)
+    return ServedModel(model, name, weights, class_names, pre, transform, precision, dev)
 
 
 def _inputs_and_classes(model: nn.Module, ckpt):

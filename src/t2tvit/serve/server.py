@@ -47,14 +47,19 @@ def run_serve(args) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.max_wait_ms < 0:
         raise UserError(f'--max-wait-ms must be 0 or more, got {args.max_wait_ms}')
-    served = load_served_model(args.model, args.checkpoint, args.pretrained, args.dtype, args.device)
+    from ..precision import InferencePrecision
+    precision = InferencePrecision(args.dtype, args.cast_weights, args.fused_stem, args.compile_stem)
+    served = load_served_model(args.model, args.checkpoint, args.pretrained, precision, args.device)
+    if precision.compile_stem:
+        print('compiling the T2T stem (--compile-stem)...', file=sys.stderr, flush=True)
+        served.warm_up()
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f'[{host}]' if ':' in host else host
 
     def ready():
-        print(f'serving {served.name} ({served.weights}, {served.dtype}, {served.device}) at http://{shown}:{port}/ '
-              f'(API docs at /docs); Ctrl-C stops it', flush=True)
+        print(f'serving {served.name} ({served.weights}, {served.precision.describe()}, {served.device}) '
+              f'at http://{shown}:{port}/ (API docs at /docs); Ctrl-C stops it', flush=True)
 
     app = create_app(served, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                      on_ready=ready)

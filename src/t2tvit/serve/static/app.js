@@ -13,7 +13,7 @@ async function describeModel() {
   const m = await r.json();
   $('model-line').textContent =
     `${m.model} (${m.weights}), ${m.num_classes} classes, ` +
-    `input ${m.input_size[1]}x${m.input_size[2]}, ${m.dtype} on ${m.device}`;
+    `input ${m.input_size[1]}x${m.input_size[2]}, ${m.precision} on ${m.device}`;
 }
 
 async function listSamples() {
