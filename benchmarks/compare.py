@@ -288,6 +288,30 @@ def compiled_stem(opts: Options) -> list[Row]:
     return rows
 
 
+def frozen(opts: Options) -> list[Row]:
+    # the whole model through torch.compile with inductor's freezing (benchmark --compile in inference, as
+    # predict/validate/serve --compile run it): the weights become constants and the matmuls oneDNN's prepacked ones
+    a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True, compile=True)
+    naive = replace(a, attn='naive', fused_stem=False, compile=False)
+    rows, ra, _ = _pair_rows('fused stem, compiled (frozen), vs reference path', a, naive, 'frozen', 'naive', 1.25,
+                             None, memory=False)
+    rows.append(Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
+    t14 = replace(a, model='t2t_vit_t_14')
+    rows += _pair_rows('fused stem, compiled (frozen), vs reference path', t14, replace(naive, model='t2t_vit_t_14'),
+                       'frozen', 'naive', 1.8, None, memory=False)[0]
+    low = replace(a, dtype='bf16', cast_weights=True)
+    rows += _pair_rows('bf16 weights cast once, fused stem, compiled (frozen), vs the reference path under bf16 '
+                       'autocast', low, replace(naive, dtype='bf16'), 'bf16 frozen', 'naive bf16', 1.5, None,
+                       memory=False)[0]
+    rows += _vs_timm('bf16 compiled (frozen) vs DeiT-S compiled (frozen)', low, 'vit_small_patch16_224', 'DeiT-S',
+                     0.85)
+    rows += _pair_rows('compiled (frozen) vs compiled stem', low, replace(low, compile=False, compile_stem=True),
+                       'frozen', 'compiled stem', None, None, memory=False, note='report')[0]
+    rows += _vs_timm('batch 1 latency, compiled (frozen) both, vs DeiT-S', replace(low, batch=1),
+                     'vit_small_patch16_224', 'DeiT-S', 1.3, latency=True)
+    return rows
+
+
 def _cli_step_ms(flags: list[str], keep: bool) -> float:
     """Median ms per step of ``t2tvit benchmark FLAGS`` in a fresh process, with or without freed memory kept."""
     import subprocess
@@ -352,8 +376,9 @@ def _compile_rows(a: BenchmarkConfig, note: str) -> list[Row]:
     import torch._inductor.config as inductor_config
     # a cold compile, as a first run sees it: no kernels from earlier runs' cache
     with inductor_config.patch(force_disable_caches=True):
-        rows, ra, _ = _pair_rows('torch.compile vs eager', a, replace(a, compile=False), 'compiled', 'eager', None,
-                                 None, memory=False, note=note)
+        name = 'torch.compile vs eager' if a.mode == 'train' else 'torch.compile (freezing) vs eager'
+        rows, ra, _ = _pair_rows(name, a, replace(a, compile=False), 'compiled', 'eager', None, None, memory=False,
+                                 note=note)
     rows.append(Row(rows[0].comparison, 'compile time (first call, cold cache)', f'{ra.compile_s:.0f} s', '', '',
                     'report', ''))
     return rows
@@ -414,7 +439,7 @@ CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
     'attn_train': attn_train, 'attn_train_384': attn_train_384, 'attn_infer': attn_infer, 'bf16': bf16,
     'bf16_agreement': bf16_agreement, 'compile_infer': compile_infer, 'compile_train': compile_train,
     'onnxruntime': onnxruntime, 'grad_checkpointing': grad_checkpointing, 'fast_stem': fast_stem,
-    'compiled_stem': compiled_stem, 'malloc': malloc, 'batch1': batch1,
+    'compiled_stem': compiled_stem, 'frozen': frozen, 'malloc': malloc, 'batch1': batch1,
     'int8': int8, 'openvino': openvino,
 }
 FULL_ONLY = {'compile_train'}

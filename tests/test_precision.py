@@ -76,6 +76,21 @@ def test_predict_in_low_precision_keeps_the_float32_top1(flags, float32_answers,
         assert a['top'][0]['prob'] == pytest.approx(b['top'][0]['prob'], rel=0.2)
 
 
+def test_predict_compiled_gives_the_eager_probabilities(small, digit_files, capsys):
+    # -b 5 over 16 files: batches of 5 and then 1, a second compiled shape
+    eager = _predict_small(capsys, small, digit_files)
+    compiled = _predict_small(capsys, small, digit_files, '--compile', '-b', '5')
+    assert [a['top'][0]['index'] for a in compiled] == [a['top'][0]['index'] for a in eager]
+    for a, b in zip(compiled, eager):
+        np.testing.assert_allclose([t['prob'] for t in a['top']], [t['prob'] for t in b['top']], atol=1e-5)
+
+
+def _predict_small(capsys, checkpoint, files, *flags) -> list:
+    capsys.readouterr()
+    assert main(['predict', *files, '--checkpoint', str(checkpoint), '--json', '--topk', '10', *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 @pytest.fixture(scope='module')
 def labelled_by_float32(tmp_path_factory, digit_files, float32_answers) -> Path:
     """DATA/val/<ImageNet wnid>/: each digit filed under float32's top-1 class, so float32 scores 100% and
@@ -130,8 +145,10 @@ def no_soft_split(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize('flags,says', [
     (['--cast-weights'], '--cast-weights casts the weights for bf16/fp16'),
-    (['--dtype', 'int8', '--compile-stem'], 'drop it with --dtype int8'),
+    (['--dtype', 'int8', '--compile-stem'], 'drop them with --dtype int8'),
     (['-b', '0'], '--batch-size must be at least 1'),
+    (['--compile', '--compile-stem'], 'drop --compile-stem'),
+    (['--dtype', 'int8', '--compile'], 'drop them with --dtype int8'),
 ])
 def test_predict_precision_mistakes_are_one_line_errors(flags, says, small, digit_files, capsys):
     assert main(['predict', digit_files[0], '--checkpoint', str(small), *flags]) == 2

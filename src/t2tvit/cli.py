@@ -59,8 +59,8 @@ def _shared(model=None, img_size=None, output=None, weights=None, progress=False
             inference=None) -> argparse.ArgumentParser:
     """A parent parser of the flags every command spells the same way: --model, --img-size, -o/--output (with
     the hidden old spelling --out), --checkpoint/--pretrained, --no-progress, and the inference precision
-    (--dtype, --cast-weights, --fused-stem, --compile-stem: t2tvit/precision.py). Each argument is None (not in
-    this command) or this command's overrides ({'required': True}, {'default': ..., 'help': ...})."""
+    (--dtype, --cast-weights, --fused-stem, --compile-stem, --compile: t2tvit/precision.py). Each argument is
+    None (not in this command) or this command's overrides ({'required': True}, {'default': ..., 'help': ...})."""
     p = argparse.ArgumentParser(add_help=False)
     for name, given in (('model', model), ('img_size', img_size), ('output', output)):
         if given is not None:
@@ -90,12 +90,15 @@ def _add_inference(p, dtype_default='fp32', dtype_help='', compile_note=''):
                    help='the T2T stem through torch.compile, the blocks eager (model.set_compiled_stem()): with '
                         '--fused-stem the fused path, else the unfold one; the first batch compiles (seconds to '
                         'a minute on a CPU)' + compile_note)
+    p.add_argument('--compile', action='store_true',
+                   help='inference through torch.compile(fullgraph=True) with inductor\'s freezing (the weights folded '
+                        'in as constants): the fastest bf16 path on a CPU; the first batch compiles' + compile_note)
 
 
 def _precision(args):
-    """The InferencePrecision of the --dtype/--cast-weights/--fused-stem/--compile-stem flags."""
+    """The InferencePrecision of the --dtype/--cast-weights/--fused-stem/--compile-stem/--compile flags."""
     from .precision import InferencePrecision
-    return InferencePrecision(args.dtype or 'fp32', args.cast_weights, args.fused_stem, args.compile_stem)
+    return InferencePrecision.from_args(args)
 
 
 def _use_pretrained(args) -> None:
@@ -392,7 +395,7 @@ def _add_finetune(sub):
 def _run_validate(args) -> int:
     from .engine.evaluate import validate
     precision = None
-    if args.dtype or args.cast_weights or args.fused_stem or args.compile_stem:
+    if args.dtype or args.cast_weights or args.fused_stem or args.compile_stem or args.compile:
         if args.amp is not None:
             raise UserError('--amp picks autocast by itself: with --dtype, --cast-weights or a stem flag drop it '
                             '(--dtype bf16 is --amp on a CPU)')
@@ -569,13 +572,13 @@ def _add_benchmark(sub):
                      'dtype_help': 'fp32 (default); bf16/fp16 under autocast over float32 weights (inference with '
                                    '--cast-weights: cast once); int8: the blocks and head dynamically quantized (CPU '
                                    'inference)',
-                     'compile_note': '; also trains (the unfold path); prints the compile time'})])
+                     'compile_note': '; in --mode train too (the stem: its unfold path; --compile: without '
+                                     'freezing); prints the compile time'})])
     p.add_argument('--mode', default='infer', choices=['infer', 'train'],
                    help='infer: forward under inference_mode; train: forward, backward and AdamW step')
     p.add_argument('-b', '--batch-size', type=int, default=32, metavar='B')
     p.add_argument('--attn', default='sdpa', choices=['sdpa', 'naive'],
                    help='naive: the reference explicit softmax(q k^T) v')
-    p.add_argument('--compile', action='store_true', help='torch.compile(fullgraph=True); prints the compile time')
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     p.add_argument('--steps', type=int, default=5, metavar='N', help='timed steps (the median is reported)')
     p.add_argument('--warmup', type=int, default=2, metavar='N', help='untimed steps first (default 2)')

@@ -69,7 +69,8 @@ class BenchmarkConfig:
     @property
     def precision(self) -> InferencePrecision:
         """The inference dtype and stem paths, as ``t2tvit predict`` and ``serve`` take them."""
-        return InferencePrecision(self.dtype, self.cast_weights, self.fused_stem, self.compile_stem)
+        return InferencePrecision(self.dtype, self.cast_weights, self.fused_stem, self.compile_stem,
+                                  self.compile and self.mode == 'infer')
 
     @property
     def lean(self) -> bool:
@@ -194,19 +195,20 @@ class StepRunner:
             model.set_grad_checkpointing(True)
         self.x = torch.randn(cfg.batch, 3, self.img_size, self.img_size, device=self.device)
         if cfg.mode == 'infer':
-            # the model predict, validate and serve run: weights cast or quantized once, the stem flags set
-            model = precision.prepare(model, self.device, cfg.model)
+            # the model predict, validate and serve run: weights cast or quantized once, the stem flags set,
+            # --compile with inductor's freezing
+            self.forward = precision.prepare(model, self.device, cfg.model)
             self.x = self.x.to(precision.input_dtype)
+            model = getattr(self.forward, '_orig_mod', self.forward)  # --breakdown times the eager stages
         else:
             if precision.compile_stem:
                 model.set_compiled_stem(True)
             model = model.to(self.device).train()
-        self.model = model
-        if cfg.mode == 'train':
+            self.forward = torch.compile(model, fullgraph=True) if cfg.compile else model
             self.y = torch.randint(0, model.num_classes, (cfg.batch,), device=self.device)
             self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             self.scaler = torch.amp.GradScaler(cfg.device, enabled=cfg.dtype == 'fp16')
-        self.forward = torch.compile(model, fullgraph=True) if cfg.compile else model
+        self.model = model
         self.last_loss: float | None = None
 
     def step(self):

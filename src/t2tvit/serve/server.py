@@ -48,10 +48,10 @@ def run_serve(args) -> int:
     if args.max_wait_ms < 0:
         raise UserError(f'--max-wait-ms must be 0 or more, got {args.max_wait_ms}')
     from ..precision import InferencePrecision
-    precision = InferencePrecision(args.dtype, args.cast_weights, args.fused_stem, args.compile_stem)
+    precision = InferencePrecision.from_args(args)
     served = load_served_model(args.model, args.checkpoint, args.pretrained, precision, args.device)
-    if precision.compile_stem:
-        print('compiling the T2T stem (--compile-stem)...', file=sys.stderr, flush=True)
+    if precision.compiles:
+        print('compiling (--compile / --compile-stem)...', file=sys.stderr, flush=True)
         served.warm_up()
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
