@@ -263,21 +263,28 @@ def fast_stem(opts: Options) -> list[Row]:
     return rows
 
 
+def _compiled_rows(opts: Options, flags: dict, fp32_name: str, bf16_name: str, label: str):
+    """A compiled setting (``flags``, with the fused stem) against the reference path: t2t_vit_14 in fp32 with
+    the compile time, t2t_vit_t_14, and bf16 with the weights cast once against the reference under autocast.
+    Returns the rows and the bf16 setting."""
+    a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True, **flags)
+    naive = replace(a, attn='naive', fused_stem=False, **{k: False for k in flags})
+    rows, ra, _ = _pair_rows(fp32_name, a, naive, label, 'naive', 1.25, None, memory=False)
+    rows.append(Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
+    rows += _pair_rows(fp32_name, replace(a, model='t2t_vit_t_14'), replace(naive, model='t2t_vit_t_14'), label,
+                       'naive', 1.8, None, memory=False)[0]
+    low = replace(a, dtype='bf16', cast_weights=True)
+    rows += _pair_rows(bf16_name, low, replace(naive, dtype='bf16'), f'bf16 cast {label}', 'naive bf16', 1.5, None,
+                       memory=False)[0]
+    return rows, low
+
+
 def compiled_stem(opts: Options) -> list[Row]:
     # the stem through torch.compile (set_compiled_stem), the blocks eager, against the same reference paths and
     # DeiT-S as fast_stem's eager rows: the fused stem in inference, the unfold one in training
-    a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True, compile_stem=True)
-    naive = replace(a, attn='naive', fused_stem=False, compile_stem=False)
-    rows, ra, _ = _pair_rows('compiled fused stem vs reference path', a, naive, 'compiled stem', 'naive', 1.25,
-                             None, memory=False)
-    rows.append(Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
-    t14 = replace(a, model='t2t_vit_t_14')
-    rows += _pair_rows('compiled fused stem vs reference path', t14, replace(naive, model='t2t_vit_t_14'),
-                       'compiled stem', 'naive', 1.8, None, memory=False)[0]
-    low = replace(a, dtype='bf16', cast_weights=True)
-    rows += _pair_rows('bf16 weights cast once, compiled stem, vs the reference path under bf16 autocast', low,
-                       replace(naive, dtype='bf16'), 'bf16 cast compiled stem', 'naive bf16', 1.5, None,
-                       memory=False)[0]
+    rows, low = _compiled_rows(opts, {'compile_stem': True}, 'compiled fused stem vs reference path',
+                               'bf16 weights cast once, compiled stem, vs the reference path under bf16 autocast',
+                               'compiled stem')
     rows += _vs_timm('bf16 compiled stem vs DeiT-S (eager)', low, 'vit_small_patch16_224', 'DeiT-S', 0.85)
     rows += _pair_rows('compiled vs eager fused stem', low, replace(low, compile_stem=False), 'compiled',
                        'eager', None, None, memory=False, note='report')[0]
@@ -291,18 +298,9 @@ def compiled_stem(opts: Options) -> list[Row]:
 def frozen(opts: Options) -> list[Row]:
     # the whole model through torch.compile with inductor's freezing (benchmark --compile in inference, as
     # predict/validate/serve --compile run it): the weights become constants and the matmuls oneDNN's prepacked ones
-    a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True, compile=True)
-    naive = replace(a, attn='naive', fused_stem=False, compile=False)
-    rows, ra, _ = _pair_rows('fused stem, compiled (frozen), vs reference path', a, naive, 'frozen', 'naive', 1.25,
-                             None, memory=False)
-    rows.append(Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
-    t14 = replace(a, model='t2t_vit_t_14')
-    rows += _pair_rows('fused stem, compiled (frozen), vs reference path', t14, replace(naive, model='t2t_vit_t_14'),
-                       'frozen', 'naive', 1.8, None, memory=False)[0]
-    low = replace(a, dtype='bf16', cast_weights=True)
-    rows += _pair_rows('bf16 weights cast once, fused stem, compiled (frozen), vs the reference path under bf16 '
-                       'autocast', low, replace(naive, dtype='bf16'), 'bf16 frozen', 'naive bf16', 1.5, None,
-                       memory=False)[0]
+    rows, low = _compiled_rows(opts, {'compile': True}, 'fused stem, compiled (frozen), vs reference path',
+                               'bf16 weights cast once, fused stem, compiled (frozen), vs the reference path under '
+                               'bf16 autocast', 'frozen')
     rows += _vs_timm('bf16 compiled (frozen) vs DeiT-S compiled (frozen)', low, 'vit_small_patch16_224', 'DeiT-S',
                      0.85)
     rows += _pair_rows('compiled (frozen) vs compiled stem', low, replace(low, compile=False, compile_stem=True),
