@@ -394,12 +394,12 @@ def _add_finetune(sub):
 # -- validate / predict ---------------------------------------------------------------------------
 def _run_validate(args) -> int:
     from .engine.evaluate import validate
-    precision = None
-    if args.dtype or args.cast_weights or args.fused_stem or args.compile_stem or args.compile:
-        if args.amp is not None:
-            raise UserError('--amp picks autocast by itself: with --dtype, --cast-weights or a stem flag drop it '
-                            '(--dtype bf16 is --amp on a CPU)')
-        precision = _precision(args)
+    precision = _precision(args)
+    if args.dtype is None and precision.plain:
+        precision = None  # no precision flag: --amp decides, as before
+    elif args.amp is not None:
+        raise UserError('--amp picks autocast by itself: with --dtype, --cast-weights or a stem flag drop it '
+                        '(--dtype bf16 is --amp on a CPU)')
     try:
         _use_pretrained(args)
         m = validate(args.checkpoint, model_name=args.model, data=args.data, dataset=args.dataset,

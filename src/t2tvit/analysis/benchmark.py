@@ -32,13 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..precision import InferencePrecision
+from ..precision import INFER_DTYPES, InferencePrecision
 from .benchmark_keys import JSON_FIELDS, JSON_KEYS  # noqa: F401  (JSON_KEYS: the public name)
 
 MODES = ('infer', 'train')
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 # int8: the blocks' and head's Linear layers dynamically quantized (t2tvit.quantize), CPU inference only
-BENCH_DTYPES = (*DTYPES, 'int8')
 DEVICES = ('cpu', 'cuda')
 
 
@@ -81,22 +80,18 @@ class BenchmarkConfig:
         from ..layers.attention import ATTN_IMPLS
         if self.model not in list_models():
             raise UserError(f'unknown model {self.model!r}; run `t2tvit models` for the list')
-        for name, value, allowed in (('mode', self.mode, MODES), ('dtype', self.dtype, BENCH_DTYPES),
+        for name, value, allowed in (('mode', self.mode, MODES), ('dtype', self.dtype, INFER_DTYPES),
                                      ('attn', self.attn, ATTN_IMPLS), ('device', self.device, DEVICES)):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
         if self.activations not in ('', 'lean', 'plain'):
             raise UserError(f'--activations {self.activations!r} is not one of lean, plain')
-        if self.dtype == 'int8' and (self.mode != 'infer' or self.device != 'cpu' or self.compile):
-            raise UserError(
-                '--dtype int8 is CPU inference without --compile: drop --mode train, --device cuda, --compile')
-        if self.cast_weights and (self.dtype not in ('bf16', 'fp16') or self.mode != 'infer'):
-            raise UserError(
-                '--cast-weights casts the weights for bf16/fp16 inference: add --dtype bf16 (no --mode train)')
-        if self.fused_stem and (self.mode != 'infer' or self.attn != 'sdpa'):
-            raise UserError('--fused-stem is an inference path of the sdpa model: drop --mode train / --attn naive')
-        if self.compile_stem and (self.compile or self.dtype == 'int8'):
-            raise UserError('--compile-stem compiles the stem alone: drop --compile (the whole model) or --dtype int8')
+        if self.mode == 'train' and (self.dtype == 'int8' or self.cast_weights or self.fused_stem):
+            raise UserError('--dtype int8, --cast-weights and --fused-stem are inference paths: drop --mode train')
+        if self.fused_stem and self.attn != 'sdpa':
+            raise UserError('--fused-stem is a path of the sdpa model: drop --attn naive')
+        # the rules predict, validate and serve follow (--compile with --compile-stem refused in training too)
+        dataclasses.replace(self.precision, compile=self.compile).check(self.device)
         if self.batch < 1 or self.steps < 1 or self.warmup < 0:
             raise UserError('--batch-size and --steps must be at least 1 (and --warmup at least 0)')
         if self.device == 'cuda' and not torch.cuda.is_available():
@@ -158,11 +153,6 @@ def model_img_size(model: str) -> int:
     return size if isinstance(size, int) else size[0]
 
 
-def _autocast(cfg: BenchmarkConfig):
-    enabled = cfg.dtype in ('bf16', 'fp16') and not cfg.cast_weights
-    return torch.autocast(cfg.device, dtype=DTYPES.get(cfg.dtype, torch.float32), enabled=enabled)
-
-
 def matmul_dtype(cfg: BenchmarkConfig) -> str:
     """The dtype whose matmul rate a step is compared with (int8 steps: float32's)."""
     return cfg.dtype if cfg.dtype in DTYPES else 'fp32'
@@ -208,16 +198,16 @@ class StepRunner:
             self.y = torch.randint(0, model.num_classes, (cfg.batch,), device=self.device)
             self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             self.scaler = torch.amp.GradScaler(cfg.device, enabled=cfg.dtype == 'fp16')
-        self.model = model
+        self.model, self.precision = model, precision
         self.last_loss: float | None = None
 
     def step(self):
         cfg = self.cfg
         if cfg.mode == 'infer':
-            with torch.inference_mode(), _autocast(cfg):
+            with torch.inference_mode(), self.precision.autocast(self.device):
                 self.forward(self.x)
         else:
-            with _autocast(cfg):
+            with self.precision.autocast(self.device):
                 loss = F.cross_entropy(self.forward(self.x), self.y)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
@@ -512,9 +502,9 @@ STAGES = ('stem', 'blocks', 'head')
 def stage_times(runner: StepRunner) -> dict[str, float]:
     """Seconds of one forward pass in each stage: the T2T stem with class token and positions, the
     Transformer blocks, the final norm and the head (inference, the step's dtype)."""
-    model, cfg, x = runner.model, runner.cfg, runner.x
+    model, x = runner.model, runner.x
     out: dict[str, float] = {}
-    with torch.inference_mode(), _autocast(cfg):
+    with torch.inference_mode(), runner.precision.autocast(runner.device):
         _sync(runner.device)
         t0 = time.perf_counter()
         tokens = model._tokens(x)[0]

@@ -110,8 +110,9 @@ def predict(
     precision = precision or InferencePrecision()
     model.eval()
     results = []
-    for start in range(0, len(paths), max(1, batch_size)):
-        chunk = paths[start:start + max(1, batch_size)]
+    step = max(1, batch_size)
+    for start in range(0, len(paths), step):
+        chunk = paths[start:start + step]
         x = torch.stack([transform(load_image(path)) for path in chunk]).to(device)
         probs = precision.logits(model, x).softmax(dim=1)
         k = min(topk, probs.shape[1])

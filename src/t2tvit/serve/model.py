@@ -37,10 +37,6 @@ class ServedModel:
         self._resize, self._normalise = _split_transform(self.transform)
         self.fast = self.precision.prepare(self.model, self.device, self.name)
 
-    @property
-    def dtype(self) -> str:
-        return self.precision.dtype
-
     def preprocess(self, image) -> torch.Tensor:
         """An RGB PIL image -> (C, H, W) pixels, resized and cropped as the model was trained (uint8).
 
