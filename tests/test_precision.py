@@ -168,3 +168,26 @@ def test_int8_on_a_gpu_and_amp_with_dtype_are_user_errors(small, digit_files, ca
     assert 'error:' in capsys.readouterr().err
     assert main(['validate', '--checkpoint', str(small), '--amp', '--dtype', 'bf16']) == 2
     assert '--amp picks autocast by itself' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv', [
+    ['predict', '{image}', '--checkpoint', '{ckpt}', '--compile'],
+    ['predict', '{image}', '--checkpoint', '{ckpt}', '--compile-stem'],
+    ['benchmark', '--model', 't2t_vit_7', '--mode', 'train', '--compile', '--steps', '1'],
+])
+def test_compiling_without_a_cxx_compiler_is_a_user_error(argv, small, digit_files, tmp_path):
+    """inductor builds the CPU kernels with g++: on a machine without one, the command says so before it loads
+    anything, instead of a traceback from the first batch."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != 'CXX'}
+    env['PATH'] = str(tmp_path)  # an empty folder: no g++, no c++
+    argv = [a.format(image=digit_files[0], ckpt=small) for a in argv]
+    done = subprocess.run([sys.executable, '-m', 't2tvit', *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    flag = '--compile-stem' if '--compile-stem' in argv else '--compile'
+    assert done.stderr.strip().splitlines() == [
+        f't2tvit {argv[0]}: error: {flag} builds C++ kernels for the CPU and found no C++ compiler: install g++ '
+        f'(apt-get install g++) or set CXX, or drop {flag}']

@@ -73,6 +73,8 @@ class InferencePrecision:
             raise UserError('--compile and --compile-stem are for float and bf16 models: drop them with --dtype int8')
         if self.compile and self.compile_stem:
             raise UserError('--compile compiles the whole model, stem included: drop --compile-stem')
+        if self.compiles and device.type == 'cpu':
+            require_cxx_compiler('--compile-stem' if self.compile_stem else '--compile')
         return self
 
     def describe(self) -> str:
@@ -131,3 +133,18 @@ class InferencePrecision:
         """``model`` (from :meth:`prepare`) on the float32 batch ``x``: float32 logits, no autograd."""
         with torch.inference_mode(), self.autocast(x.device):
             return model(x.to(self.input_dtype)).float()
+
+
+def require_cxx_compiler(flag: str = '--compile'):
+    """Raise a UserError before compiling when inductor finds no C++ compiler for its CPU kernels (its own
+    search: ``torch._inductor.config.cpp.cxx``, g++ by default), instead of a traceback on the first batch."""
+    try:
+        from torch._inductor import cpp_builder, exc
+        missing = exc.InvalidCxxCompiler
+    except ImportError:  # another torch layout: let the first call say what it needs
+        return
+    try:
+        cpp_builder.get_cpp_compiler()
+    except missing:
+        raise UserError(f'{flag} builds C++ kernels for the CPU and found no C++ compiler: install g++ '
+                        f'(apt-get install g++) or set CXX, or drop {flag}') from None
