@@ -90,6 +90,9 @@ def _verdict_errors(table: str, met_rule) -> tuple:
             expected = met_rule(value, limit, bound.group(1) == '>=') if round(value - limit, 6) else met
         elif target == 'finite':
             expected = 'yes' if all(abs(float(x)) < float('inf') for x in re.findall(r'loss (\S+)', a)) else 'no'
+        elif target == 'bound':  # a target over the reference path against the machine's matmul rate
+            need = float(re.search(r'needs (\d+)%', ratio).group(1))
+            expected = 'out of reach' if need > 100 else 'reachable'
         elif target == 'all':
             k, n = re.search(r'(\d+)/(\d+)', a).groups()
             expected = 'yes' if k == n else 'no'
@@ -112,6 +115,24 @@ def test_benchmark_verdicts_follow_from_their_numbers(name):
     edited = table.replace('| 1.47x faster | >= 1.8x | no |', '| 1.87x faster | >= 1.8x | no |', 1)
     if edited != table:
         assert _verdict_errors(edited, _compare_module()._met)[0]
+
+
+def test_bound_row_says_what_share_of_the_matmul_rate_a_target_needs():
+    """1.5x over a reference path at half the machine's matmul rate needs 75% of it; over one at 80%, 120%: out
+    of reach for any implementation on that machine."""
+    from t2tvit.analysis.benchmark import BenchmarkConfig, BenchmarkResult
+    compare = _compare_module()
+    cfg = BenchmarkConfig(model='t2t_vit_7', mode='infer', dtype='bf16')
+
+    def result(ms):  # 100 GFLOP a step against a 200 GFLOP/s matmul rate
+        return BenchmarkResult(config=cfg, img_size=224, step_ms=[ms], flops_per_step=100e9, matmul_gflops=[200.0])
+
+    row = compare._bound_row('x', result(800), result(1000), 'ours', 'naive', 1.5)
+    assert (row.a, row.b, row.ratio, row.met) == ('ours 62%', 'naive 50%', '1.5x needs 75%', 'reachable')
+    assert 'bf16 matmul rate' in row.measure
+    assert compare._bound_row('x', result(500), result(625), 'ours', 'naive', 1.5).met == 'out of reach'
+    table = '| x | m | a | b | 1.5x needs 120% | bound | reachable |'
+    assert _verdict_errors(table, compare._met)[0]
 
 
 def _lines_of(command: str):
