@@ -176,8 +176,8 @@ def test_int8_on_a_gpu_and_amp_with_dtype_are_user_errors(small, digit_files, ca
     ['benchmark', '--model', 't2t_vit_7', '--mode', 'train', '--compile', '--steps', '1'],
 ])
 def test_compiling_without_a_cxx_compiler_is_a_user_error(argv, small, digit_files, tmp_path):
-    """inductor builds the CPU kernels with g++: on a machine without one, the command says so before it loads
-    anything, instead of a traceback from the first batch."""
+    """inductor builds the CPU kernels with g++: on a machine without one, the command says so in one line
+    before it compiles, instead of a traceback from the first batch."""
     import os
     import subprocess
     import sys
