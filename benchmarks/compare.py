@@ -122,10 +122,10 @@ def _bound_row(what: str, ours: BenchmarkResult, ref: BenchmarkResult, la: str, 
     model's MACs), so reaching ``target`` means running at ``target`` times the reference's share of the
     matmul rate measured between the steps: above 100% no implementation can reach it here, and near it only
     one whose every operation, softmax and LayerNorm included, ran at matmul speed."""
-    need = target * ref.peak_fraction
+    need = round(100 * target * ref.peak_fraction)  # the verdict follows the printed percentage
     return Row(what, f'share of the {matmul_dtype(ref.config)} matmul rate (same FLOPs both sides)',
-               f'{la} {ours.peak_fraction:.0%}', f'{lb} {ref.peak_fraction:.0%}', f'{target}x needs {need:.0%}',
-               'bound', 'out of reach' if need > 1 else 'reachable')
+               f'{la} {ours.peak_fraction:.0%}', f'{lb} {ref.peak_fraction:.0%}', f'{target}x needs {need}%',
+               'bound', 'out of reach' if need > 100 else 'reachable')
 
 
 def _base(opts: Options, model: str, mode: str, batch: int, **kw) -> BenchmarkConfig:

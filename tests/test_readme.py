@@ -131,6 +131,8 @@ def test_bound_row_says_what_share_of_the_matmul_rate_a_target_needs():
     assert (row.a, row.b, row.ratio, row.met) == ('ours 62%', 'naive 50%', '1.5x needs 75%', 'reachable')
     assert 'bf16 matmul rate' in row.measure
     assert compare._bound_row('x', result(500), result(625), 'ours', 'naive', 1.5).met == 'out of reach'
+    at_the_rate = compare._bound_row('x', result(500), result(748.5), 'ours', 'naive', 1.5)  # 100.2%
+    assert (at_the_rate.ratio, at_the_rate.met) == ('1.5x needs 100%', 'reachable')
     table = '| x | m | a | b | 1.5x needs 120% | bound | reachable |'
     assert _verdict_errors(table, compare._met)[0]
 
