@@ -191,3 +191,18 @@ def test_compiling_without_a_cxx_compiler_is_a_user_error(argv, small, digit_fil
     assert done.stderr.strip().splitlines() == [
         f't2tvit {argv[0]}: error: {flag} builds C++ kernels for the CPU and found no C++ compiler: install g++ '
         f'(apt-get install g++) or set CXX, or drop {flag}']
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the notice is about a machine without a GPU')
+def test_compiling_on_a_cpu_only_machine_prints_no_cuda_notice(small, digit_files, tmp_path):
+    """torch built with CUDA logs "No CUDA runtime is found, using CUDA_HOME=..." while inductor builds CPU
+    kernels on a machine without a GPU (CUDA_HOME set to a folder that exists forces the case); the command's
+    stderr stays free of it."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, CUDA_HOME=str(tmp_path))
+    done = subprocess.run([sys.executable, '-m', 't2tvit', 'predict', digit_files[0], '--checkpoint', str(small),
+                           '--compile'], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert 'No CUDA runtime' not in done.stderr, done.stderr

@@ -6,6 +6,7 @@ Each command lives in one ``_add_<command>`` function (its arguments) and one
 """
 import argparse
 import json
+import logging
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
@@ -691,6 +692,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .runtime import keep_freed_memory
     keep_freed_memory()
+    # torch built with CUDA warns "No CUDA runtime is found, using CUDA_HOME=..." when --compile builds its CPU
+    # kernels on a machine without a GPU: a notice about a GPU the command does not use
+    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
     try:
         return int(_RUNNERS[args.command](args) or 0)
     except UserError as e:
