@@ -188,3 +188,18 @@ def test_errors_from_the_console_have_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count('\n') == 0 and 'no such folder' in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_ctrl_c_outside_training_ends_in_one_line_and_status_130(checkpoint, monkeypatch, capsys):
+    """Ctrl-C while predict runs (or a compiling server warms up): 'interrupted' and the shell's 130, no traceback
+    (train and finetune have their own message, with the command that resumes)."""
+    import importlib
+    evaluate = importlib.import_module('t2tvit.engine.evaluate')  # the module (the package exports a function)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, 'predict_files', interrupted)
+    capsys.readouterr()
+    assert main(['predict', str(checkpoint), '--checkpoint', str(checkpoint)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ['t2tvit predict: interrupted']

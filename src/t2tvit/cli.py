@@ -703,3 +703,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FileNotFoundError as e:
         print(f't2tvit {args.command}: error: {e.filename or e}: no such file (check the path)', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in predict, validate, a compiling server's warm-up...: no traceback
+        print(f't2tvit {args.command}: interrupted', file=sys.stderr)
+        return 130
