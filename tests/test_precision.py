@@ -206,3 +206,18 @@ def test_compiling_on_a_cpu_only_machine_prints_no_cuda_notice(small, digit_file
                            '--compile'], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert 'No CUDA runtime' not in done.stderr, done.stderr
+
+
+def test_predict_takes_a_folder_of_images(small, digit_files, tmp_path, capsys):
+    """A folder stands for every image file under it, sorted (other files skipped); one without images is a
+    one-line error."""
+    folder = Path(digit_files[0]).parent
+    (folder / 'notes.txt').write_text('not an image')
+    listed = _predict_small(capsys, small, digit_files)
+    from_folder = _predict_small(capsys, small, [str(folder)])
+    assert [a['image'] for a in from_folder] == sorted(digit_files)
+    assert from_folder == sorted(listed, key=lambda a: a['image'])
+    (tmp_path / 'empty').mkdir()
+    assert main(['predict', str(tmp_path / 'empty'), '--checkpoint', str(small)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'a folder with no image files in it' in err[0]

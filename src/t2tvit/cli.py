@@ -463,7 +463,8 @@ def _add_predict(sub):
     p = _command(sub, 'predict', 'top-k classes of image files (names from the checkpoint, or ImageNet)',
                  _run_predict, parents=[_shared(model={}, img_size={}, inference={}, weights={
                      'checkpoint_help': 'the weights to predict with', 'required': True})])
-    p.add_argument('images', nargs='+', metavar='IMAGE')
+    p.add_argument('images', nargs='+', metavar='IMAGE',
+                   help='image files (JPEG, PNG, ...) or folders: every image under a folder, sorted')
     p.add_argument('--topk', type=int, default=5)
     p.add_argument('-b', '--batch-size', type=int, default=32, metavar='B',
                    help='images through the model at a time (default 32)')

@@ -58,6 +58,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
+def image_files(paths: Sequence[str]) -> List[str]:
+    """``paths`` with each folder replaced by the image files under it (``IMG_EXTENSIONS``, hidden names skipped,
+    sorted; recursively), in the order given. A folder without images is a :class:`UserError`; other paths are
+    kept as they are for :func:`load_image` to judge."""
+    files: List[str] = []
+    for path in map(str, paths):
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = []
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+            found += [os.path.join(dirpath, f) for f in filenames
+                      if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
+        if not found:
+            raise UserError(f"{path}: a folder with no image files in it ({', '.join(IMG_EXTENSIONS)})")
+        files += sorted(found)
+    return files
+
+
 def load_image(path) -> Image.Image:
     """The one image loader (datasets, predict, visualize): ``path`` as an RGB PIL image (see :func:`to_rgb`).
 

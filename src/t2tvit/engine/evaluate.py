@@ -245,13 +245,15 @@ def predict_files(
     precision: Optional[InferencePrecision] = None,
     batch_size: int = 32,
 ) -> List[Dict[str, Any]]:
-    """Top-k classes of each image file; names from the checkpoint's data or ImageNet's for 1000 classes."""
+    """Top-k classes of each image file (a folder: each image in it, recursively, sorted); names from the
+    checkpoint's data or ImageNet's for 1000 classes."""
     from .. import data as D
     from .builders import model_for_checkpoint, train_config
     from .distributed import pick_device
 
     dev = pick_device(device)
     precision = (precision or InferencePrecision()).check(dev)
+    paths = D.image_files(paths)  # a folder: every image file in it
     model, ckpt, model_name = model_for_checkpoint(model_name, checkpoint, img_size)
     pre = _preprocessing(model, train_config(ckpt), None)
     names = checkpoint_class_names(model, ckpt, descriptions=True) or [str(i) for i in range(model.num_classes)]
