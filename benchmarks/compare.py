@@ -445,6 +445,37 @@ def gpu_compile(opts: Options) -> list[Row]:
     return _compile_rows(_base(opts, 't2t_vit_14', 'train', 128, dtype='bf16', compile=True), 'clear win')
 
 
+def gpu_low_precision(opts: Options) -> list[Row]:
+    # the low-precision issue's rows on CUDA at batch 128: bf16 with the weights cast once and the fused stem
+    # against the reference path under autocast and against DeiT-S, eager and compiled with freezing (as
+    # predict/validate/serve --compile run it), batch-1 latency, the fused stem in fp32 and bf16 training
+    a = _base(opts, 't2t_vit_14', 'infer', 128, fused_stem=True)
+    naive = replace(a, attn='naive', fused_stem=False)
+    low = replace(a, dtype='bf16', cast_weights=True)
+    rows = _pair_rows('bf16 weights cast once, fused stem, vs the reference path under bf16 autocast', low,
+                      replace(naive, dtype='bf16'), 'bf16 cast', 'naive bf16', 1.5, None, memory=False,
+                      bound=True)[0]
+    rows += _vs_timm('bf16 vs DeiT-S', low, 'vit_small_patch16_224', 'DeiT-S', 0.85)
+    frozen = replace(low, compile=True)
+    rows += _pair_rows('bf16 weights cast once, fused stem, compiled (frozen), vs the reference path under bf16 '
+                       'autocast', frozen, replace(naive, dtype='bf16'), 'bf16 cast frozen', 'naive bf16', 1.5, None,
+                       memory=False, bound=True)[0]
+    rows += _vs_timm('bf16 compiled (frozen) vs DeiT-S compiled (frozen)', frozen, 'vit_small_patch16_224', 'DeiT-S',
+                     0.85)
+    rows += _pair_rows('fused stem vs reference path', a, naive, 'fused', 'naive', 1.25, None, memory=False,
+                       bound=True)[0]
+    t14 = replace(a, model='t2t_vit_t_14')
+    rows += _pair_rows('fused stem vs reference path', t14, replace(t14, attn='naive', fused_stem=False), 'fused',
+                       'naive', 1.8, None, memory=False, bound=True)[0]
+    t = _base(opts, 't2t_vit_14', 'train', 128, dtype='bf16')
+    rows += _pair_rows('bf16 training vs reference path', t, replace(t, attn='naive'), 'sdpa', 'naive', 1.3, None,
+                       memory=False, loss_rows=True, bound=True)[0]
+    for cfg in (replace(a, batch=1, steps=max(opts.steps, 5), fused_stem=False), replace(low, batch=1,
+                                                                                       steps=max(opts.steps, 5))):
+        rows += _vs_timm('batch 1 latency vs DeiT-S', cfg, 'vit_small_patch16_224', 'DeiT-S', 1.3, latency=True)
+    return rows
+
+
 CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
     'attn_train': attn_train, 'attn_train_384': attn_train_384, 'attn_infer': attn_infer, 'bf16': bf16,
     'bf16_agreement': bf16_agreement, 'compile_infer': compile_infer, 'compile_train': compile_train,
@@ -455,6 +486,7 @@ CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
 FULL_ONLY = {'compile_train'}
 GPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
     'gpu_attn': gpu_attn, 'bf16_agreement': bf16_agreement, 'gpu_compile': gpu_compile,
+    'gpu_low_precision': gpu_low_precision,
 }
 
 

@@ -78,3 +78,25 @@ def test_user_mistakes_end_in_one_line(capsys):
     if not torch.cuda.is_available():
         assert main(['benchmark', *SMALL, '--device', 'cuda']) == 2
         assert 'no CUDA device' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_gpu_sections_of_compare_run_on_the_cpu_at_a_small_batch():
+    """compare.py's GPU sections only run where a GPU is lent: run them here at batch 2 (and 1), so that the
+    first run on a GPU measures instead of failing. Every row carries a ratio and a verdict that follows from
+    it; the numbers themselves are the CPU's and are not asserted."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'compare.py'
+    spec = importlib.util.spec_from_file_location('compare', path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    from test_readme import _verdict_errors
+    opts = compare.Options(device='cpu', steps=1, warmup=1, batch_scale=1 / 64, full=False, images=8,
+                           checkpoint=None)
+    for name in ('gpu_low_precision', 'gpu_attn'):
+        rows = compare.GPU_SECTIONS[name](opts)
+        table = compare.markdown(rows, [name])
+        assert len(rows) >= 4 and all(r.comparison and r.measure for r in rows), table
+        assert not _verdict_errors(table, compare._met)[0], table
+        assert 'nan' not in table and 'inf ' not in table, table
