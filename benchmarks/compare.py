@@ -252,9 +252,9 @@ def _vs_timm(name: str, cfg: BenchmarkConfig, other: str, label: str, target: fl
                 _met(ratio, target, True) if target else '')]
 
 
-def fast_stem(opts: Options) -> list[Row]:
+def fast_stem(opts: Options, batch: int = 32, train_batch: int = 16) -> list[Row]:
     # the fused soft splits against the reference path (unfold, LayerNorm and Linear over patch matrices)
-    a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True)
+    a = _base(opts, 't2t_vit_14', 'infer', batch, fused_stem=True)
     naive = replace(a, attn='naive', fused_stem=False)
     rows = _pair_rows('fused stem vs reference path', a, naive, 'fused', 'naive', 1.25, None, memory=False,
                       bound=True)[0]
@@ -267,7 +267,7 @@ def fast_stem(opts: Options) -> list[Row]:
                        bound=True)[0]
     rows += _vs_timm('bf16 vs DeiT-S', low, 'vit_small_patch16_224', 'DeiT-S', 0.85)
     rows += _vs_timm('fp32 vs DeiT-S', a, 'vit_small_patch16_224', 'DeiT-S', None)
-    t = _base(opts, 't2t_vit_14', 'train', 16, dtype='bf16')
+    t = _base(opts, 't2t_vit_14', 'train', train_batch, dtype='bf16')
     # training keeps the unfold stem (layers/t2t.py): sdpa and lean saving against the reference path
     rows += _pair_rows('bf16 training vs reference path', t, replace(t, attn='naive'), 'sdpa',
                        'naive', 1.3, None, memory=False, loss_rows=True, bound=True)[0]
@@ -446,34 +446,19 @@ def gpu_compile(opts: Options) -> list[Row]:
 
 
 def gpu_low_precision(opts: Options) -> list[Row]:
-    # the low-precision issue's rows on CUDA at batch 128: bf16 with the weights cast once and the fused stem
-    # against the reference path under autocast and against DeiT-S, eager and compiled with freezing (as
-    # predict/validate/serve --compile run it), batch-1 latency, the fused stem in fp32 and bf16 training
-    a = _base(opts, 't2t_vit_14', 'infer', 128, fused_stem=True)
-    naive = replace(a, attn='naive', fused_stem=False)
-    low = replace(a, dtype='bf16', cast_weights=True)
-    rows = _pair_rows('bf16 weights cast once, fused stem, vs the reference path under bf16 autocast', low,
-                      replace(naive, dtype='bf16'), 'bf16 cast', 'naive bf16', 1.5, None, memory=False,
-                      bound=True)[0]
-    rows += _vs_timm('bf16 vs DeiT-S', low, 'vit_small_patch16_224', 'DeiT-S', 0.85)
-    frozen = replace(low, compile=True)
+    # the low-precision issue's rows on CUDA at batch 128: fast_stem's (the fused stem in fp32, bf16 with the
+    # weights cast once against the reference path under autocast and against DeiT-S, bf16 training), then the
+    # same bf16 setting compiled with freezing (as predict/validate/serve --compile run it), and batch-1 latency
+    rows = fast_stem(opts, batch=128, train_batch=128)
+    frozen = replace(_base(opts, 't2t_vit_14', 'infer', 128, fused_stem=True), dtype='bf16', cast_weights=True,
+                     compile=True)
     rows += _pair_rows('bf16 weights cast once, fused stem, compiled (frozen), vs the reference path under bf16 '
-                       'autocast', frozen, replace(naive, dtype='bf16'), 'bf16 cast frozen', 'naive bf16', 1.5, None,
+                       'autocast', frozen, replace(frozen, attn='naive', fused_stem=False, cast_weights=False,
+                                                   compile=False), 'bf16 cast frozen', 'naive bf16', 1.5, None,
                        memory=False, bound=True)[0]
     rows += _vs_timm('bf16 compiled (frozen) vs DeiT-S compiled (frozen)', frozen, 'vit_small_patch16_224', 'DeiT-S',
                      0.85)
-    rows += _pair_rows('fused stem vs reference path', a, naive, 'fused', 'naive', 1.25, None, memory=False,
-                       bound=True)[0]
-    t14 = replace(a, model='t2t_vit_t_14')
-    rows += _pair_rows('fused stem vs reference path', t14, replace(t14, attn='naive', fused_stem=False), 'fused',
-                       'naive', 1.8, None, memory=False, bound=True)[0]
-    t = _base(opts, 't2t_vit_14', 'train', 128, dtype='bf16')
-    rows += _pair_rows('bf16 training vs reference path', t, replace(t, attn='naive'), 'sdpa', 'naive', 1.3, None,
-                       memory=False, loss_rows=True, bound=True)[0]
-    for cfg in (replace(a, batch=1, steps=max(opts.steps, 5), fused_stem=False), replace(low, batch=1,
-                                                                                       steps=max(opts.steps, 5))):
-        rows += _vs_timm('batch 1 latency vs DeiT-S', cfg, 'vit_small_patch16_224', 'DeiT-S', 1.3, latency=True)
-    return rows
+    return rows + batch1(opts)
 
 
 CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {
