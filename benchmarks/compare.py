@@ -274,14 +274,13 @@ def fast_stem(opts: Options, batch: int = 32, train_batch: int = 16) -> list[Row
     return rows
 
 
-def _compiled_rows(opts: Options, flags: dict, fp32_name: str, bf16_name: str, label: str):
+def _compiled_rows(opts: Options, flags: dict, fp32_name: str, bf16_name: str, label: str, batch: int = 32):
     """A compiled setting (``flags``, with the fused stem) against the reference path: t2t_vit_14 in fp32 with
     the compile time, t2t_vit_t_14, and bf16 with the weights cast once against the reference under autocast.
     Returns the rows and the bf16 setting."""
-    a = _base(opts, 't2t_vit_14', 'infer', 32, fused_stem=True, **flags)
+    a = _base(opts, 't2t_vit_14', 'infer', batch, fused_stem=True, **flags)
     naive = replace(a, attn='naive', fused_stem=False, **{k: False for k in flags})
-    rows, ra, _ = _pair_rows(fp32_name, a, naive, label, 'naive', 1.25, None, memory=False,
-                                  bound=True)
+    rows, ra, _ = _pair_rows(fp32_name, a, naive, label, 'naive', 1.25, None, memory=False, bound=True)
     rows.append(Row(rows[0].comparison, 'compile time (first call)', f'{ra.compile_s:.0f} s', '', '', 'report', ''))
     rows += _pair_rows(fp32_name, replace(a, model='t2t_vit_t_14'), replace(naive, model='t2t_vit_t_14'), label,
                        'naive', 1.8, None, memory=False, bound=True)[0]
@@ -307,12 +306,12 @@ def compiled_stem(opts: Options) -> list[Row]:
     return rows
 
 
-def frozen(opts: Options) -> list[Row]:
+def frozen(opts: Options, batch: int = 32) -> list[Row]:
     # the whole model through torch.compile with inductor's freezing (benchmark --compile in inference, as
     # predict/validate/serve --compile run it): the weights become constants and the matmuls oneDNN's prepacked ones
     rows, low = _compiled_rows(opts, {'compile': True}, 'fused stem, compiled (frozen), vs reference path',
                                'bf16 weights cast once, fused stem, compiled (frozen), vs the reference path under '
-                               'bf16 autocast', 'frozen')
+                               'bf16 autocast', 'frozen', batch)
     rows += _vs_timm('bf16 compiled (frozen) vs DeiT-S compiled (frozen)', low, 'vit_small_patch16_224', 'DeiT-S',
                      0.85)
     rows += _pair_rows('compiled (frozen) vs compiled stem', low, replace(low, compile=False, compile_stem=True),
@@ -437,7 +436,8 @@ def gpu_attn(opts: Options) -> list[Row]:
     for model in ('t2t_vit_14', 't2t_vit_t_14'):
         for mode, target in (('train', 1.5), ('infer', None)):
             a = _base(opts, model, mode, 128, dtype='bf16')
-            rows += _pair_rows('sdpa vs naive attention', a, replace(a, attn='naive'), 'sdpa', 'naive', target, None)[0]
+            rows += _pair_rows('sdpa vs naive attention', a, replace(a, attn='naive'), 'sdpa', 'naive', target, None,
+                               bound=True)[0]
     return rows
 
 
@@ -446,19 +446,9 @@ def gpu_compile(opts: Options) -> list[Row]:
 
 
 def gpu_low_precision(opts: Options) -> list[Row]:
-    # the low-precision issue's rows on CUDA at batch 128: fast_stem's (the fused stem in fp32, bf16 with the
-    # weights cast once against the reference path under autocast and against DeiT-S, bf16 training), then the
-    # same bf16 setting compiled with freezing (as predict/validate/serve --compile run it), and batch-1 latency
-    rows = fast_stem(opts, batch=128, train_batch=128)
-    frozen = replace(_base(opts, 't2t_vit_14', 'infer', 128, fused_stem=True), dtype='bf16', cast_weights=True,
-                     compile=True)
-    rows += _pair_rows('bf16 weights cast once, fused stem, compiled (frozen), vs the reference path under bf16 '
-                       'autocast', frozen, replace(frozen, attn='naive', fused_stem=False, cast_weights=False,
-                                                   compile=False), 'bf16 cast frozen', 'naive bf16', 1.5, None,
-                       memory=False, bound=True)[0]
-    rows += _vs_timm('bf16 compiled (frozen) vs DeiT-S compiled (frozen)', frozen, 'vit_small_patch16_224', 'DeiT-S',
-                     0.85)
-    return rows + batch1(opts)
+    # the low-precision issue's rows on CUDA at batch 128: the CPU's eager (fast_stem) and frozen sections, and
+    # batch-1 latency
+    return fast_stem(opts, batch=128, train_batch=128) + frozen(opts, batch=128) + batch1(opts)
 
 
 CPU_SECTIONS: dict[str, Callable[[Options], list[Row]]] = {

@@ -85,13 +85,8 @@ def test_the_gpu_sections_of_compare_run_on_the_cpu_at_a_small_batch():
     """compare.py's GPU sections only run where a GPU is lent: run them here at batch 2 (and 1), so that the
     first run on a GPU measures instead of failing. Every row carries a ratio and a verdict that follows from
     it; the numbers themselves are the CPU's and are not asserted."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'compare.py'
-    spec = importlib.util.spec_from_file_location('compare', path)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    from test_readme import _verdict_errors
+    from test_readme import _compare_module, _verdict_errors
+    compare = _compare_module()
     opts = compare.Options(device='cpu', steps=1, warmup=1, batch_scale=1 / 64, full=False, images=8,
                            checkpoint=None)
     for name in ('gpu_low_precision', 'gpu_attn'):

@@ -209,13 +209,17 @@ def test_compiling_on_a_cpu_only_machine_prints_no_cuda_notice(small, digit_file
 
 
 def test_predict_takes_a_folder_of_images(small, digit_files, tmp_path, capsys):
-    """A folder stands for every image file under it, sorted (other files skipped); one without images is a
-    one-line error."""
-    folder = Path(digit_files[0]).parent
+    """A folder stands for every image file under it, subfolders included, sorted (other files skipped); one
+    without images is a one-line error."""
+    import shutil
+    folder = tmp_path / 'photos'
+    (folder / 'more').mkdir(parents=True)
+    copies = [str(shutil.copy(f, folder / ('more' if i % 2 else '') / Path(f).name)) for i, f in
+              enumerate(digit_files)]
     (folder / 'notes.txt').write_text('not an image')
-    listed = _predict_small(capsys, small, digit_files)
+    listed = _predict_small(capsys, small, copies)
     from_folder = _predict_small(capsys, small, [str(folder)])
-    assert [a['image'] for a in from_folder] == sorted(digit_files)
+    assert [a['image'] for a in from_folder] == sorted(copies)
     assert from_folder == sorted(listed, key=lambda a: a['image'])
     (tmp_path / 'empty').mkdir()
     assert main(['predict', str(tmp_path / 'empty'), '--checkpoint', str(small)]) == 2

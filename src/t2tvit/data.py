@@ -67,15 +67,21 @@ def image_files(paths: Sequence[str]) -> List[str]:
         if not os.path.isdir(path):
             files.append(path)
             continue
-        found = []
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-            found += [os.path.join(dirpath, f) for f in filenames
-                      if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
+        found = images_under(path)
         if not found:
             raise UserError(f"{path}: a folder with no image files in it ({', '.join(IMG_EXTENSIONS)})")
-        files += sorted(found)
+        files += found
     return files
+
+
+def images_under(folder) -> List[str]:
+    """The image files (``IMG_EXTENSIONS``) under ``folder``, recursively, hidden names skipped, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
+    return sorted(found)
 
 
 def load_image(path) -> Image.Image:
@@ -181,17 +187,10 @@ def scan_folder(root: Path, describe: str) -> Dict[str, List[str]]:
         raise UserError(f'{describe}: no class folders in it (expected {describe}/<class>/*.jpg)')
     found: Dict[str, List[str]] = {}
     for cls in classes:
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-            files += [
-                os.path.join(dirpath, f)
-                for f in filenames
-                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')
-            ]
+        files = images_under(root / cls)
         if not files:
             raise UserError(f'no images found in {describe}/{cls} (expected {describe}/<class>/*.jpg)')
-        found[cls] = sorted(files)
+        found[cls] = files
     return found
 
 
