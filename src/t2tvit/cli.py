@@ -321,7 +321,8 @@ def _run_training(command: str, args) -> int:
         return 0
     best = '-'
     if result.best_metric is not None:
-        best = f'{result.best_metric:.2f}% top-1 at epoch {result.best_epoch}'
+        whose = {'ema': ' (EMA weights)', 'model': ' (model weights; the EMA was lower)'}.get(result.best_kept, '')
+        best = f'{result.best_metric:.2f}% top-1{whose} at epoch {result.best_epoch}'
     if result.stopped_early:
         print(f'stopped after {result.epochs_done}/{result.total_epochs} epochs as asked '
               f'(--stop-after-epochs); best so far {best}')

@@ -429,27 +429,93 @@ def val_folder(root: Path) -> Optional[Path]:
     return None
 
 
+class SubsetImages(LabelledImages):
+    """The images ``indices`` of ``base`` (same classes), e.g. one side of a held-out split."""
+
+    def __init__(self, base: LabelledImages, indices: Sequence[int], describe: str = ''):
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.classes = list(base.classes)
+        self.targets = [base.targets[i] for i in self.indices]
+        self.describe = describe
+
+    def image(self, i: int) -> Image.Image:
+        return self.base.image(self.indices[i])
+
+    def name(self, i: int) -> str:
+        return self.base.name(self.indices[i])
+
+
+def held_out_split(
+    images: LabelledImages, fraction: float, seed: int = 0, describe: str = ''
+) -> Tuple[SubsetImages, SubsetImages]:
+    """(train, held-out): ``fraction`` of every class, drawn by ``seed``, never trained on.
+
+    Stratified: each class gives ``round(fraction * n_class)`` images (at least one, and at least
+    one stays for training), so the held-out classes keep the training set's proportions. The draw
+    depends only on the seed and on the sorted file list, not on the machine or the worker count.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f'--val-split {fraction}: must be a fraction between 0 and 1, e.g. 0.1')
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(images.targets)
+    held: List[int] = []
+    for c in range(len(images.classes)):
+        members = np.flatnonzero(targets == c)
+        if len(members) < 2:
+            raise UserError(
+                f'{describe or "the training images"}: class {images.classes[c]!r} has '
+                f'{len(members)} image(s); --val-split needs at least 2 per class'
+            )
+        k = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
+        held.extend(rng.permutation(members)[:k].tolist())
+    held_set = set(held)
+    keep = [i for i in range(len(images)) if i not in held_set]
+    name = describe or 'the training images'
+    return (SubsetImages(images, keep, describe=name),
+            SubsetImages(images, sorted(held), describe=f'{fraction:g} of {name} held out (seed {seed})'))
+
+
 def training_images(
-    dataset: str, data: Optional[str], img_size: int
+    dataset: str, data: Optional[str], img_size: int, val_split: float = 0.0, seed: int = 0
 ) -> Tuple[LabelledImages, LabelledImages]:
-    """(train, val) images of a run; DATA problems are UserErrors naming the path and the fix."""
+    """(train, val) images of a run; DATA problems are UserErrors naming the path and the fix.
+
+    ``val_split`` > 0 validates on a stratified, seeded share of the training images instead of
+    DATA/val (see :func:`held_out_split`); a folder without ``val/`` needs it.
+    """
     if dataset == 'digits':
-        return DigitsImages(train=True, size=img_size), DigitsImages(train=False, size=img_size)
+        train = DigitsImages(train=True, size=img_size)
+        if val_split > 0:
+            return held_out_split(train, val_split, seed, describe='digits train')
+        return train, DigitsImages(train=False, size=img_size)
     root = Path(data)
     if not root.exists():
         raise UserError(f'{data}: no such folder')
     if dataset in CIFAR_FILES:
-        return CifarImages(root, dataset, train=True), CifarImages(root, dataset, train=False)
-    if not (root / 'train').is_dir():
-        raise UserError(
-            f'{data}: no train folder in it (expected {data}/train/<class>/*.jpg and '
-            f'{data}/val/<class>/*.jpg)'
-        )
-    train = FolderImages(root / 'train', describe=f'{data}/train')
+        train = CifarImages(root, dataset, train=True)
+        if val_split > 0:
+            return held_out_split(train, val_split, seed, describe=f'{dataset} train')
+        return train, CifarImages(root, dataset, train=False)
+    train_root = root / 'train'
+    describe = f'{data}/train'
+    if not train_root.is_dir():
+        if val_split > 0 and val_folder(root) is None:
+            # DATA itself holds the class folders (CIFAR-10 as JPEG folders, any ImageFolder tree).
+            train_root, describe = root, str(data)
+        else:
+            raise UserError(
+                f'{data}: no train folder in it (expected {data}/train/<class>/*.jpg and '
+                f'{data}/val/<class>/*.jpg, or {data}/<class>/*.jpg with --val-split 0.1)'
+            )
+    train = FolderImages(train_root, describe=describe)
+    if val_split > 0:
+        return held_out_split(train, val_split, seed, describe=describe)
     vf = val_folder(root)
     if vf is None:
         raise UserError(
-            f'{data}: no val folder in it (expected {data}/val/<class>/*.jpg beside {data}/train)'
+            f'{data}: no val folder in it (expected {data}/val/<class>/*.jpg beside {data}/train; '
+            f'or hold out part of the training images with --val-split 0.1)'
         )
     val = FolderImages(vf, classes=train.classes, describe=f'{data}/{vf.name}')
     return train, val

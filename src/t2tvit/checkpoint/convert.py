@@ -127,7 +127,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, to: str = 'reference', mode
         save_reference(dst, raw, ema, arch=arch, epoch=ckpt.epoch)
         weights = 'state_dict + state_dict_ema' if ema is not None else 'state_dict'
     else:
-        chosen = 'ema' if use_ema and ckpt.ema is not None else 'model'
+        chosen = 'ema' if ckpt.uses_ema(use_ema) else 'model'
         sd = fitted(ckpt.state_dict(use_ema), chosen)
         if to == 'hf':
             _write_hf(dst, sd, name, kwargs, class_names)

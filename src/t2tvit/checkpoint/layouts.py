@@ -19,7 +19,8 @@ read; the key conversions are pure ``state_dict -> state_dict`` functions.
   and ``head.fc_cls.*``, Linear weights stored (in, out). Read without paddle.
 
 Where a checkpoint holds both raw and EMA weights, the EMA weights are used by default, as the
-reference evaluation does.
+reference evaluation does, except in a training checkpoint whose ``kept`` says the raw weights
+validated better (an EMA still near its start on a short run).
 """
 import json
 import os
@@ -56,9 +57,15 @@ class Checkpoint:
     epoch: int | None = None
     release_arch: str | None = None  # the reference releases' ``arch`` (e.g. 'T2t_vit_7'): a hint only
     run_config: dict[str, Any] = field(default_factory=dict)  # a training checkpoint's run config, else {}
+    # a training checkpoint's 'kept': 'model' when the raw weights validated better than the EMA at its epoch
+    kept: str | None = None
+
+    def uses_ema(self, use_ema: bool = True) -> bool:
+        """Whether ``state_dict(use_ema)`` gives the EMA: it is there, asked for, and not worse than the model."""
+        return use_ema and self.ema is not None and self.kept != 'model'
 
     def state_dict(self, use_ema: bool = True) -> StateDict:
-        return self.ema if use_ema and self.ema is not None else self.weights
+        return self.ema if self.uses_ema(use_ema) else self.weights
 
     @property
     def num_classes(self) -> int | None:
@@ -143,7 +150,8 @@ def _train(path: str, obj: dict) -> Checkpoint | None:
     return Checkpoint(path, 'train', _tensors(path, obj.get('model'), "its 'model'"),
                       ema=_tensors(path, ema, "its 'ema'") if ema is not None else None,
                       model_name=config.get('model'), model_kwargs=dict(config.get('model_kwargs') or {}),
-                      class_names=obj.get('class_names'), epoch=obj.get('epoch'), run_config=config)
+                      class_names=obj.get('class_names'), epoch=obj.get('epoch'), run_config=config,
+                      kept=obj.get('kept') if obj.get('kept') in ('model', 'ema') else None)
 
 
 def _reference(path: str, obj: dict) -> Checkpoint | None:

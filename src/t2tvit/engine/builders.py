@@ -210,6 +210,14 @@ def epoch_plan(cfg) -> EpochPlan:
     return EpochPlan(cfg.epochs, warmup, cooldown, tuple(notes))
 
 
+def ema_decay(decay: float, horizon: float, total_steps: int) -> float:
+    """The EMA decay a run uses: ``decay``, lowered so that its horizon ``1 / (1 - decay)`` is at most
+    ``horizon`` of the run's ``total_steps`` (``horizon`` 0: ``decay`` as given)."""
+    if horizon <= 0 or total_steps <= 0:
+        return decay
+    return min(decay, 1.0 - 1.0 / max(horizon * total_steps, 1.0))
+
+
 def describe_schedule(cfg, plan: EpochPlan) -> str:
     """``E epochs (W warm-up from .., cosine to .., C cool-down at min lr; notes)`` for the start line."""
     parts = [f'{plan.warmup} warm-up' + (f' from {cfg.warmup_lr:g}' if plan.warmup else '')]

@@ -78,6 +78,9 @@ class RunConfig:
     img_size: Optional[int] = setting(None, "square input size (default: the model's; the position table is "
                                       'resized)', finetune=224, flag=_flag(metavar='PX'))
     checkpoint: Optional[str] = setting(None, 'initial weights (finetune: the pretrained model)')
+    val_split: float = setting(0.0, 'validate on this stratified share of the training images, drawn by --seed and '
+                               'never trained on, instead of DATA/val (needed when DATA has no val/)',
+                               flag=_flag(metavar='FRACTION'))
 
     # -- where it goes
     output: str = setting('runs/train', 'checkpoints, metrics.csv, curves.png, config.yaml', finetune='runs/finetune',
@@ -163,6 +166,12 @@ class RunConfig:
     model_ema: bool = setting(True, 'keep an EMA of the weights', finetune=False, flag=_flag(group=AUG, switch='both'))
     model_ema_decay: float = setting(0.99996, 'EMA decay per step', flag=_flag(group=AUG))
     model_ema_warmup: bool = setting(False, "timm ModelEmaV3's decay warm-up")
+    # 0.99996 averages over ~25,000 steps: 3% of the reference's 775,000 (310 epochs of ImageNet at batch 512),
+    # but more than a short run has in all, whose EMA then stays at its random start. The cap leaves the
+    # reference untouched (a tenth of its run is 77,500 steps) and shortens the average on a short run only.
+    model_ema_horizon: float = setting(0.1, "the EMA's horizon, 1 / (1 - decay) steps, is at most this fraction of "
+                                       "the run's steps (the decay is lowered to fit); 0: the decay as given",
+                                       flag=_flag(metavar='FRACTION', group=AUG))
 
     # -- knowledge distillation (teacher in eval mode, no distillation token)
     teacher: Optional[str] = setting(None, 'any timm or t2tvit model', flag=_flag(metavar='MODEL', group=KD))
@@ -338,6 +347,10 @@ def check(cfg: RunConfig) -> RunConfig:
     need(cfg.lr > 0, f'--lr {cfg.lr}: must be positive')
     need(cfg.warmup_epochs >= 0, f'--warmup-epochs {cfg.warmup_epochs}: must be 0 or more')
     need(cfg.cooldown_epochs >= 0, f'--cooldown-epochs {cfg.cooldown_epochs}: must be 0 or more')
+    need(0.0 <= cfg.model_ema_horizon <= 1.0,
+         f'--model-ema-horizon {cfg.model_ema_horizon}: must be within [0, 1] (0: --model-ema-decay as given)')
+    need(0.0 <= cfg.model_ema_decay < 1.0, f'--model-ema-decay {cfg.model_ema_decay}: must be within [0, 1)')
+    need(0.0 <= cfg.val_split < 1.0, f'--val-split {cfg.val_split}: must be a fraction in [0, 1), e.g. 0.1')
     need(cfg.workers >= 0, f'--workers {cfg.workers}: must be 0 or more')
     need(
         cfg.stop_after_epochs is None or cfg.stop_after_epochs >= 1,

@@ -25,7 +25,9 @@ COLUMNS = [
     'ema_val_loss',
     'ema_top1',
     'ema_top5',
+    'kept',  # 'model' or 'ema': the better of the two on validation, the one the epoch's checkpoints serve
 ]
+TEXT_COLUMNS = ('kept',)
 RUN_FILES = ('config.yaml', 'last.pth', 'best.pth', 'metrics.csv', 'curves.png')
 
 
@@ -90,7 +92,7 @@ class Records:
         if self.tb is not None:
             epoch = int(row['epoch'])
             for k in COLUMNS[1:]:
-                if row[k] != '':
+                if row[k] != '' and k not in TEXT_COLUMNS:
                     self.tb.add_scalar(k, float(row[k]), epoch)
             self.tb.flush()
         plot_curves(self.rows, self.out / 'curves.png')

@@ -87,16 +87,18 @@ def build_run(cfg: RunConfig, env: DistEnv, say: Callable[[str], None]) -> Run:
     problem = broadcast_object(problem, env)
     if problem:
         raise UserError(problem)
-    train_images, val_images = D.training_images(cfg.dataset, cfg.data, run_img_size(cfg))
+    train_images, val_images = D.training_images(cfg.dataset, cfg.data, run_img_size(cfg),
+                                                    val_split=cfg.val_split, seed=cfg.seed)
     class_names = list(train_images.classes)
     ckpt = st.read_training_checkpoint(resume_path, cfg.model, class_names) if resume_path else None
     model, cfg = _build_model(cfg, len(class_names), ckpt)
     data = _build_data(cfg, env, train_images, val_images, class_names)
     model.to(env.device)
-    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
+    plan = builders.epoch_plan(cfg)
+    ema_decay = builders.ema_decay(cfg.model_ema_decay, cfg.model_ema_horizon, plan.epochs * data.batches_per_epoch)
+    ema = ModelEmaV3(model, decay=ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
     optimizer = builders.build_optimizer(model, cfg, builders.scaled_lr(cfg.lr, cfg.batch_size * env.world_size,
                                                                          cfg.lr_base_size))
-    plan = builders.epoch_plan(cfg)
     autocast, amp_dtype, scaler = builders.autocast_setup(env.device, cfg.amp, cfg.amp_dtype)
     mixup = builders.build_mixup(cfg, len(class_names))
     config = {**cfg.to_dict(), 'resume': None, 'overwrite': False}

@@ -36,6 +36,7 @@ class TrainState:
     failed_count: int = 0
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
+    best_kept: Optional[str] = None  # 'model' or 'ema': whose validation gave best_metric
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
 
@@ -109,9 +110,12 @@ def checkpoint_dict(
     state: TrainState,
     config: Dict[str, Any],
     class_names: List[str],
+    kept: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """The ``t2tvit-train`` checkpoint (agreed with ``t2tvit.checkpoint``), tensors on the CPU."""
+    """The ``t2tvit-train`` checkpoint (agreed with ``t2tvit.checkpoint``), tensors on the CPU; ``kept``: the
+    weights it serves by default ('model' or 'ema'; None: the EMA when there is one)."""
     return {
+        'kept': kept,
         'format': TRAIN_FORMAT,
         'version': TRAIN_FORMAT_VERSION,
         'model': _cpu(model.state_dict()),

@@ -59,6 +59,7 @@ class FitResult:
     best_metric: Optional[float]
     best_epoch: Optional[int]
     last_metrics: Dict[str, Any]
+    best_kept: Optional[str] = None  # 'model' or 'ema': the weights behind best_metric, the ones best.pth serves
     stopped_early: bool = False  # stop_after_epochs ended this invocation before the schedule's end
 
     @property
@@ -105,7 +106,7 @@ def train(cfg, log: Callable[[str], None] = print) -> FitResult:
 def fit(run: Run) -> FitResult:
     """Epochs from where ``run`` stands to the end of its schedule (or ``stop_after_epochs`` of them)."""
     state, total = run.state, run.plan.epochs
-    result = FitResult(run.out, state.epoch, total, state.best_metric, state.best_epoch, {})
+    result = FitResult(run.out, state.epoch, total, state.best_metric, state.best_epoch, {}, state.best_kept)
     with StopSignals() as signals, contextlib.closing(open_output(run)) as records:
         announce(run)
         for done_here, epoch in enumerate(range(state.epoch, total), 1):
@@ -120,7 +121,7 @@ def fit(run: Run) -> FitResult:
                 state.eval_pending = True
             row, notes = evaluate_epoch(run, epoch, lambda: signals.signum, desc)
             end_epoch(run, records, row, notes)
-            result = FitResult(run.out, state.epoch, total, state.best_metric, state.best_epoch, row)
+            result = FitResult(run.out, state.epoch, total, state.best_metric, state.best_epoch, row, state.best_kept)
             if signals.signum:
                 raise Interrupted(signals.signum, run.out / 'last.pth', state.epoch, None)
             if run.cfg.stop_after_epochs and done_here >= run.cfg.stop_after_epochs and state.epoch < total:
@@ -138,8 +139,9 @@ def announce(run: Run) -> None:
     n_params = sum(p.numel() for p in run.model.parameters())
     run.say(
         f'training {cfg.model} ({n_params / 1e6:.2f}M params, {cfg.img_size}px) on {len(data.train_ds)} images of '
-        f'{len(data.class_names)} classes, validating on {len(data.val_ds)}; {describe_schedule(cfg, run.plan)}; '
-        f'{describe_lr(cfg, run.global_batch)}; {env.world_size} process(es) x batch {cfg.batch_size}, '
+        f'{len(data.class_names)} classes, validating on {len(data.val_ds)}{held_out(data)}; {describe_schedule(cfg, run.plan)}; '
+        f'{describe_lr(cfg, run.global_batch)}; {describe_ema(run)}{env.world_size} process(es) x batch '
+        f'{cfg.batch_size}, '
         f'{env.device.type} {run.precision}; output {run.out}'
     )
     note = None if cfg.checkpoint else small_data_note(len(data.train_ds), n_params, cfg.model)
@@ -147,12 +149,29 @@ def announce(run: Run) -> None:
         run.say(note)
 
 
-def save(run: Run, is_best: bool = False) -> None:
-    """``last.pth`` (and ``best.pth``) from rank 0, with every rank's RNG state."""
+def held_out(data) -> str:
+    """`` (0.1 of DATA held out (seed 42))`` when the run validates on a share of its training images."""
+    images = data.val_ds.images
+    return f' ({images.describe})' if getattr(images, 'base', None) is not None else ''
+
+
+def describe_ema(run: Run) -> str:
+    """``EMA decay D (horizon N steps, of M); `` for the start line, '' without an EMA."""
+    if run.ema is None:
+        return ''
+    total = run.plan.epochs * run.data.batches_per_epoch
+    lowered = f', lowered from {run.cfg.model_ema_decay:g} to fit the run' if run.ema.decay < run.cfg.model_ema_decay else ''
+    warmup = ', warm-up' if run.cfg.model_ema_warmup else ''
+    return f'EMA decay {run.ema.decay:.6g} (horizon {1 / max(1 - run.ema.decay, 1e-12):,.0f} of {total:,} steps{lowered}{warmup}); '
+
+
+def save(run: Run, is_best: bool = False, kept: Optional[str] = None) -> None:
+    """``last.pth`` (and ``best.pth``) from rank 0, with every rank's RNG state; ``kept``: the weights the files
+    serve by default ('model' or 'ema', whichever validated better; None: the EMA when there is one)."""
     ckpt = st.checkpoint_dict(
         model=run.model, ema=run.ema, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
         rng=gather_objects(st.rng_state(), run.env), state=run.state, config=run.config,
-        class_names=run.data.class_names)
+        class_names=run.data.class_names, kept=kept)
     if run.env.is_main:
         st.save(ckpt, run.out / 'last.pth')
         if is_best:
@@ -298,11 +317,16 @@ def evaluate_epoch(run: Run, epoch: int, should_stop, desc: str) -> Tuple[Dict[s
 def end_epoch(run: Run, records: Records, row: Dict[str, Any], notes: List[Optional[str]]) -> None:
     """Best metric, metrics.csv, the checkpoints (unless inside a run of non-finite losses), the epoch's line."""
     state = run.state
-    # best = the weights t2tvit.load_checkpoint serves by default (the EMA when there is one)
-    metric = row['ema_top1'] if row['ema_top1'] is not None else row['top1']
+    # the epoch's metric is that of the better of the model and its EMA (the EMA on a tie, as the reference
+    # evaluates it): an EMA still near its start on a short run must not make the run look worse than its model.
+    # The checkpoints record which one it was, and t2tvit.load_checkpoint serves those weights by default.
+    kept = 'ema' if row['ema_top1'] is not None and row['ema_top1'] >= row['top1'] else 'model'
+    metric = row['ema_top1'] if kept == 'ema' else row['top1']
+    row['kept'] = kept
     is_best = state.best_metric is None or metric > state.best_metric
     if is_best:
         state.best_metric, state.best_epoch = metric, row['epoch']
+        state.best_kept = kept if run.ema is not None else None
     state.epoch = row['epoch']
     state.start_epoch()
     records.add(row)
@@ -310,7 +334,7 @@ def end_epoch(run: Run, records: Records, row: Dict[str, Any], notes: List[Optio
         run.say(f'note: epoch {state.epoch} ended on {state.nonfinite_in_row} non-finite step(s) in a row; '
                 'last.pth not updated')
     else:
-        save(run, is_best)
+        save(run, is_best, kept if run.ema is not None else None)
     for note in notes:
         if note:
             run.say(note)
@@ -319,7 +343,8 @@ def end_epoch(run: Run, records: Records, row: Dict[str, Any], notes: List[Optio
     run.say(
         f'epoch {state.epoch}/{run.plan.epochs}  train loss {row["train_loss"]:.4f}  val loss {row["val_loss"]:.4f}  '
         f'top1 {row["top1"]:.2f}  top5 {row["top5"]:.2f}{ema_part}  lr {row["lr"]:.3g}  '
-        f'{row["img_per_s"]:.0f} img/s  {row["time"]:.1f}s{"  *best*" if is_best else ""}{skipped}')
+        f'{row["img_per_s"]:.0f} img/s  {row["time"]:.1f}s{"  *best*" if is_best else ""}'
+        f'{f" ({kept})" if is_best and run.ema is not None else ""}{skipped}')
 
 
 # below this many training images a paper-size ViT trained from random weights rarely gets past chance:
