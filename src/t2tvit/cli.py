@@ -415,6 +415,8 @@ def _run_validate(args) -> int:
         return 0
     if m['note']:
         print(m['note'], file=sys.stderr)
+    if m.get('held_out'):
+        print(f"validating on the run's held-out images: {m['held_out']}", file=sys.stderr)
     if args.json:
         print(json.dumps({k: m[k] for k in ('top1', 'top5', 'loss', 'images', 'img_per_s')}))
     else:

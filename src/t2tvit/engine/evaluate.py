@@ -2,6 +2,7 @@
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -194,7 +195,9 @@ def validate(
         dataset = dataset or ('folder' if data else 'digits')
         pre = _preprocessing(model, trained_on, crop_pct)
         classes = checkpoint_class_names(model, ckpt)
-        images = D.evaluation_images(dataset, data, pre['img_size'], classes)
+        images = _held_out_images(trained_on, dataset, data, pre['img_size'], classes)
+        if images is None:
+            images = D.evaluation_images(dataset, data, pre['img_size'], classes)
         if len(images.classes) > model.num_classes:
             raise UserError(
                 f'{data}: {len(images.classes)} classes but the checkpoint predicts {model.num_classes}'
@@ -223,6 +226,7 @@ def validate(
         )
         note = check_failures(metrics['failed_count'], len(ds), metrics['failed'], 'validation')
         metrics.update(
+            held_out=getattr(images, 'describe', None) if getattr(images, 'base', None) is not None else None,
             model=model_name,
             checkpoint=str(checkpoint),
             img_size=pre['img_size'],
@@ -233,6 +237,28 @@ def validate(
         return metrics
     finally:
         shutdown(env)
+
+
+def _held_out_images(trained_on: Dict[str, Any], dataset: str, data: Optional[str], img_size: int, classes):
+    """The run's own held-out images when it trained with ``--val-split`` on this very DATA, else None.
+
+    Such a DATA holds the training images too: validating on all of it would count images the model
+    trained on, so the split is drawn again from the seed the run recorded (the same images it validated on).
+    """
+    from .. import data as D
+
+    split = float(trained_on.get('val_split') or 0.0)
+    if split <= 0 or dataset != (trained_on.get('dataset') or ('folder' if trained_on.get('data') else 'digits')):
+        return None
+    if dataset != 'digits':
+        if data is None or trained_on.get('data') is None:
+            return None
+        if Path(data).resolve() != Path(trained_on['data']).resolve():
+            return None
+    _, held = D.training_images(dataset, data, img_size, val_split=split, seed=int(trained_on.get('seed', 0)))
+    if classes is not None and list(held.classes) != list(classes):
+        return None
+    return held
 
 
 def predict_files(
