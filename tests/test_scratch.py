@@ -150,11 +150,13 @@ def test_a_short_run_on_cifar_jpegs_keeps_the_better_of_model_and_ema(tmp_path):
         assert torch.equal(v, source[k]), k
     # validate without DATA: the run's own held-out images (not all of DATA, which holds the training images),
     # with the weights best.pth serves, give the best epoch's number
-    v = run_cli(['validate', '--checkpoint', str(out / 'best.pth'), '-j', '0', '--no-progress', '--json'], tmp_path, timeout=300)
+    v = run_cli(['validate', '--checkpoint', str(out / 'best.pth'), '-j', '0', '--no-progress', '--json'],
+                tmp_path, timeout=300)
     assert v.returncode == 0, v.stderr[-2000:]
     assert "validating on the run's held-out images: 0.1 of" in v.stderr
     got = json.loads(v.stdout.strip().splitlines()[-1])
     assert got['images'] == 60 and math.isclose(got['top1'], best, abs_tol=0.01)
     # the same DATA given explicitly is the same split
-    v2 = run_cli(['validate', '--checkpoint', str(out / 'best.pth'), str(data), '-j', '0', '--no-progress', '--json'], tmp_path)
+    v2 = run_cli(['validate', '--checkpoint', str(out / 'best.pth'), str(data), '-j', '0', '--no-progress',
+                  '--json'], tmp_path)
     assert json.loads(v2.stdout.strip().splitlines()[-1])['images'] == 60

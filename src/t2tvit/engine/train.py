@@ -139,7 +139,8 @@ def announce(run: Run) -> None:
     n_params = sum(p.numel() for p in run.model.parameters())
     run.say(
         f'training {cfg.model} ({n_params / 1e6:.2f}M params, {cfg.img_size}px) on {len(data.train_ds)} images of '
-        f'{len(data.class_names)} classes, validating on {len(data.val_ds)}{held_out(data)}; {describe_schedule(cfg, run.plan)}; '
+        f'{len(data.class_names)} classes, validating on {len(data.val_ds)}{held_out(data)}; '
+        f'{describe_schedule(cfg, run.plan)}; '
         f'{describe_lr(cfg, run.global_batch)}; {describe_ema(run)}{env.world_size} process(es) x batch '
         f'{cfg.batch_size}, '
         f'{env.device.type} {run.precision}; output {run.out}'
@@ -160,9 +161,11 @@ def describe_ema(run: Run) -> str:
     if run.ema is None:
         return ''
     total = run.plan.epochs * run.data.batches_per_epoch
-    lowered = f', lowered from {run.cfg.model_ema_decay:g} to fit the run' if run.ema.decay < run.cfg.model_ema_decay else ''
+    lowered = (f', lowered from {run.cfg.model_ema_decay:g} to fit the run'
+               if run.ema.decay < run.cfg.model_ema_decay else '')
     warmup = ', warm-up' if run.cfg.model_ema_warmup else ''
-    return f'EMA decay {run.ema.decay:.6g} (horizon {1 / max(1 - run.ema.decay, 1e-12):,.0f} of {total:,} steps{lowered}{warmup}); '
+    horizon = 1 / max(1 - run.ema.decay, 1e-12)
+    return f'EMA decay {run.ema.decay:.6g} (horizon {horizon:,.0f} of {total:,} steps{lowered}{warmup}); '
 
 
 def save(run: Run, is_best: bool = False, kept: Optional[str] = None) -> None:
