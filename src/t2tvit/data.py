@@ -446,6 +446,11 @@ class SubsetImages(LabelledImages):
         return self.base.name(self.indices[i])
 
 
+def held_out_description(images: LabelledImages) -> Optional[str]:
+    """``0.1 of DATA held out (seed 42)`` for the held-out side of :func:`held_out_split`, else None."""
+    return images.describe if isinstance(images, SubsetImages) and images.describe else None
+
+
 def held_out_split(
     images: LabelledImages, fraction: float, seed: int = 0, describe: str = ''
 ) -> Tuple[SubsetImages, SubsetImages]:

@@ -226,7 +226,7 @@ def validate(
         )
         note = check_failures(metrics['failed_count'], len(ds), metrics['failed'], 'validation')
         metrics.update(
-            held_out=getattr(images, 'describe', None) if getattr(images, 'base', None) is not None else None,
+            held_out=D.held_out_description(images),
             model=model_name,
             checkpoint=str(checkpoint),
             img_size=pre['img_size'],

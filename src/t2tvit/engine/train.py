@@ -152,8 +152,10 @@ def announce(run: Run) -> None:
 
 def held_out(data) -> str:
     """`` (0.1 of DATA held out (seed 42))`` when the run validates on a share of its training images."""
-    images = data.val_ds.images
-    return f' ({images.describe})' if getattr(images, 'base', None) is not None else ''
+    from ..data import held_out_description
+
+    described = held_out_description(data.val_ds.images)
+    return f' ({described})' if described else ''
 
 
 def describe_ema(run: Run) -> str:
