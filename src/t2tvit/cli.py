@@ -632,7 +632,7 @@ def _add_export(sub):
 def _run_ablate(args) -> int:
     from .analysis.ablate import run_ablation, summary
     result = run_ablation(args.data, epochs=args.epochs, budget_minutes=args.budget_minutes, seeds=args.seeds,
-                          img_size=args.img_size, out_dir=args.output, jobs=args.jobs)
+                          img_size=args.img_size, out_dir=args.output, jobs=args.jobs, val_split=args.val_split)
     print(f'\n{summary(result)}\n')
     for path in result.files:
         print(path)
@@ -651,6 +651,9 @@ def _add_ablate(sub):
                    help='fewer epochs when all runs would not fit in M minutes (default 10)')
     p.add_argument('--seeds', type=int, default=3, help='seeds per model (default 3; fewer gives no spread)')
     p.add_argument('--jobs', type=int, metavar='N', help='runs at once (default: 2 on a CPU, 1 on a GPU)')
+    p.add_argument('--val-split', type=float, default=0.0, metavar='FRACTION',
+                   help='validate on this share of the training images, stratified (for a folder without val/, '
+                        'e.g. CIFAR-10 as JPEG folders: 0.1)')
 
 
 # -- serve ----------------------------------------------------------------------------------------

@@ -658,3 +658,169 @@ def _posterize_zero_bits(transform) -> None:
         for op in ops:
             if getattr(op, 'name', '').startswith('Posterize'):
                 op.aug_fn = _posterize_keep_zero
+
+
+# -- images decoded once, kept in memory as uint8 ------------------------------------------------------------
+class DecodedImages:
+    """Every image of ``images`` through ``prepare`` (a PIL image -> uint8 (3, S, S) tensor), once.
+
+    ``pixels`` (N, 3, S, S) uint8, ``ok`` (N,) bool (False: the image failed to decode, ``pixels`` is zeros
+    there), ``targets`` and ``names`` as the images give them. The decoding runs in ``workers`` loader
+    processes; an image whose prepared shape is not (3, S, S) is a UserError (the batched crop needs one size).
+    """
+
+    def __init__(self, images: LabelledImages, prepare: Callable, size: int, workers: int = 0,
+                 describe: str = 'the images', progress: bool = False):
+        from tqdm import tqdm
+
+        self.images = images
+        self.describe = describe
+        n = len(images)
+        need = n * 3 * size * size
+        budget = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
+        if need > budget:
+            raise UserError(f'--cache-images: {describe} ({n} images at {size}px) need {need / 2**30:.1f} GiB '
+                            f'in memory, more than half of this machine\'s; drop --cache-images')
+        self.pixels = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+        self.ok = torch.zeros(n, dtype=torch.bool)
+        self.targets = torch.as_tensor(list(images.targets), dtype=torch.long)
+        loader = DataLoader(_Prepared(images, prepare), batch_size=256, num_workers=min(workers, os.cpu_count() or 1),
+                            collate_fn=list)
+        bar = tqdm(total=n, desc='decoding', leave=False, disable=not progress, mininterval=0.5)
+        with bar:
+            for items in loader:
+                for i, x in items:
+                    if isinstance(x, Failed):
+                        continue
+                    if tuple(x.shape) != (3, size, size):
+                        raise UserError(
+                            f'--cache-images: {images.name(i)} is {x.shape[2]}x{x.shape[1]} after the resize to '
+                            f'{size}px, not square; the in-memory batches need images of one size: drop '
+                            f'--cache-images for this data')
+                    self.pixels[i] = x
+                    self.ok[i] = True
+                bar.update(len(items))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def classes(self) -> List[str]:
+        return self.images.classes
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels.numel()
+
+
+class _Prepared(Dataset):
+    def __init__(self, images: LabelledImages, prepare: Callable):
+        self.images, self.prepare = images, prepare
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.prepare(self.images.image(i))
+        except (UserError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return i, Failed(self.images.name(i), f'{type(e).__name__}: {e}')
+
+
+def key_randoms(seed: int, epoch: int, indices: torch.Tensor, stream: int) -> np.ndarray:
+    """A uint64 per image, a function of (run seed, epoch, image index, stream) only (splitmix64).
+
+    The in-memory batches draw each image's crop and flip from these: the same for an image whatever
+    the batch, worker, rank or resume point, as :class:`AugmentedDataset`'s per-image seed is.
+    """
+    offset = (((seed * 1_000_003 + epoch) * 1_000_000_007) * 8 + stream) % 2**64
+    z = indices.numpy().astype(np.uint64) * np.uint64(8) + np.uint64(offset)
+    for _ in range(2):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return z
+
+
+def pad_crop_flip(x: torch.Tensor, padding: int, hflip: float, seed: int, epoch: int,
+                  indices: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``RandomCrop(S, padding)`` then ``RandomHorizontalFlip(hflip)``, on a uint8 batch.
+
+    The same distribution as the per-image transforms: zero padding, each offset uniform over the
+    ``2 * padding + 1`` positions, a flip with probability ``hflip``; drawn by :func:`key_randoms`.
+    """
+    B, _, H, W = x.shape
+    span = 2 * padding + 1
+    dy = torch.from_numpy((key_randoms(seed, epoch, indices, 0) % np.uint64(span)).astype(np.int64))
+    dx = torch.from_numpy((key_randoms(seed, epoch, indices, 1) % np.uint64(span)).astype(np.int64))
+    unit = (key_randoms(seed, epoch, indices, 2) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    flip = torch.from_numpy(unit < hflip)
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(W))
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+
+
+class MemoryLoader:
+    """Batches of :class:`DecodedImages` in ``sampler``'s order: ``(images, targets, failed_paths)``.
+
+    What :func:`make_loader` yields, without loader processes: the gather, the batched crop and flip
+    (``augment``: ``(padding, hflip)`` or None) and the normalisation (timm's ``mean`` / ``std`` over
+    [0, 1], as ``ToTensor`` + ``Normalize`` compute it) take a few milliseconds a batch.
+    """
+
+    def __init__(self, images: DecodedImages, batch_size: int, sampler: Sampler, mean, std,
+                 augment: Optional[Tuple[int, float]] = None, drop_last: bool = False, seed: int = 0):
+        self.images, self.batch_size, self.sampler, self.drop_last = images, batch_size, sampler, drop_last
+        self.augment, self.seed = augment, seed
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.dataset = images
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        for start in range(0, len(keys), self.batch_size):
+            chunk = keys[start:start + self.batch_size]
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            yield self.batch(chunk)
+
+    def batch(self, keys) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+        epoch = keys[0][0] if isinstance(keys[0], tuple) else 0
+        index = torch.tensor([k[1] if isinstance(k, tuple) else k for k in keys], dtype=torch.long)
+        ok = self.images.ok[index]
+        failed = [self.images.images.name(int(i)) for i in index[~ok]]
+        index = index[ok]
+        if not len(index):
+            return torch.zeros(0), torch.zeros(0, dtype=torch.long), failed
+        x = self.images.pixels[index]
+        if self.augment is not None:
+            x = pad_crop_flip(x, *self.augment, seed=self.seed, epoch=epoch, indices=index)
+        x = x.float().div_(255).sub_(self.mean).div_(self.std)
+        return x, self.images.targets[index], failed
+
+
+def memory_prepare(augment: str, img_size: int, mean, std, crop_pct: float, interpolation: str) -> Callable:
+    """The deterministic head of a pipeline, to uint8: what :class:`DecodedImages` keeps of each image.
+
+    ``pad-crop``: its resize (the crop and flip are :func:`pad_crop_flip`'s, per batch); ``none`` and
+    evaluation: timm's resize and center crop. The float conversion and normalisation come per batch.
+    """
+    from torchvision import transforms as T
+
+    if augment not in ('pad-crop', 'none'):
+        raise UserError(f'--cache-images augments in batches: use --augment pad-crop or none (not {augment}), '
+                        f'or drop --cache-images')
+    if augment == 'pad-crop':
+        head = train_transform('pad-crop', img_size, mean, std, interpolation, scale=None, ratio=None, hflip=0.0,
+                               color_jitter=0.0, auto_augment=None, train_interpolation=interpolation, reprob=0.0,
+                               remode='pixel', crop_pct=crop_pct).transforms[:1]
+    else:
+        head = eval_transform(img_size, mean, std, crop_pct, interpolation).transforms[:2]
+    return T.Compose([*head, T.PILToTensor()])

@@ -95,7 +95,7 @@ RECIPE: dict[str, Any] = {
     'warmup_epochs': 0, 'min_lr': 1e-5, 'cooldown_epochs': 0, 'augment': 'pad-crop', 'hflip': 0.0,
     'auto_augment': None, 'mixup': 0.0, 'cutmix': 0.0, 'smoothing': 0.1, 'reprob': 0.0, 'drop_rate': 0.0,
     'drop_path': 0.0, 'model_ema': False, 'workers': 0, 'progress': False,
-    'overwrite': True,
+    'overwrite': True, 'sched_on_updates': True,
 }
 DEFAULT_SEEDS = 3
 
@@ -235,6 +235,17 @@ def _step_seconds(key: str, img_size: int, num_classes: int, batch: int, threads
     return min(times[1:])
 
 
+def _square(images) -> bool:
+    """Whether the first readable image is square (then every image of a CIFAR-like set is)."""
+    for i in range(min(len(images), 8)):
+        try:
+            w, h = images.image(i).size
+        except (OSError, ValueError, UserError):
+            continue
+        return w == h
+    return False
+
+
 RUN_OVERHEAD_S = 4.0  # a run's start: data, model, first checkpoint (measured on 2 CPU cores: 3-5 s)
 WORKER_START_S = 5.0  # a worker process importing torch and timm
 
@@ -296,6 +307,7 @@ def run_ablation(
         out_dir='runs/ablate',
         variants: Sequence[str] | None = None,
         jobs: int | None = None,
+        val_split: float = 0.0,
         log: Callable[[str], None] = print,
 ) -> Ablation:
     """Train every variant for ``seeds`` seeds, then write ablation.csv, ablation.png and summary.md."""
@@ -321,7 +333,9 @@ def run_ablation(
     out = Path(out_dir)
     start = time.perf_counter()
 
-    train_images, _ = D.training_images(dataset, data, img_size)
+    if not 0 <= val_split < 1:
+        raise UserError(f'--val-split {val_split:g}: must be at least 0 and below 1 (e.g. 0.1)')
+    train_images, _ = D.training_images(dataset, data, img_size, val_split=val_split, seed=0)
     num_classes, n_train = len(train_images.classes), len(train_images)
     batch = min(RECIPE['batch_size'], n_train)
     steps = max(1, n_train // batch)
@@ -337,8 +351,9 @@ def run_ablation(
     log(f'ablation on {where} at {img_size}x{img_size}: {len(keys)} models x {seeds} seeds x {planned} epochs, '
         f'{jobs} at a time, about {minutes:.1f} min' + (f'; {notes[0]}' if notes else ''))
 
+    # images of one size (CIFAR, the digits, a folder of square images) are decoded once and kept in memory
     recipe = {**RECIPE, 'batch_size': batch, 'data': data, 'dataset': dataset, 'img_size': img_size,
-              'epochs': planned}
+              'epochs': planned, 'val_split': val_split, 'cache_images': _square(train_images)}
     todo = [(k, seed, {**recipe, 'model': VARIANTS[k]['model'], 'model_kwargs': model_kwargs(k, img_size),
                        'seed': seed, 'output': str(out / 'runs' / f'{k}-seed{seed}')})
             for seed in range(seeds) for k in keys]

@@ -179,7 +179,7 @@ def validate(
     (``--dtype`` and the stem flags) replaces ``amp``'s autocast when given.
     """
     from .. import data as D
-    from .builders import autocast_setup, model_for_checkpoint, train_config
+    from .builders import autocast_pays, autocast_setup, model_for_checkpoint, train_config
     from .distributed import init_distributed, shutdown
 
     env = init_distributed(device)
@@ -214,6 +214,9 @@ def validate(
             pin_memory=env.device.type == 'cuda',
         )
         if precision is None:
+            if amp is None and 'amp' in trained_on and trained_on['amp'] is None:
+                # a run of ours that left --amp unset validated each epoch where autocast pays: so does this
+                amp = autocast_pays(env.device)
             autocast, _, _ = autocast_setup(env.device, amp, 'auto')
             model.to(env.device)
             input_dtype = torch.float32

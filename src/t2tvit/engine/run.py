@@ -8,10 +8,12 @@ then the DDP wrapper. ``engine/train.py`` steps it.
 
 import dataclasses
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from ..checkpoint import read_checkpoint
@@ -92,14 +94,15 @@ def build_run(cfg: RunConfig, env: DistEnv, say: Callable[[str], None]) -> Run:
     class_names = list(train_images.classes)
     ckpt = st.read_training_checkpoint(resume_path, cfg.model, class_names) if resume_path else None
     model, cfg = _build_model(cfg, len(class_names), ckpt)
-    data = _build_data(cfg, env, train_images, val_images, class_names)
+    data = _build_data(cfg, env, train_images, val_images, class_names, say)
     model.to(env.device)
     plan = builders.epoch_plan(cfg)
     ema_decay = builders.ema_decay(cfg.model_ema_decay, cfg.model_ema_horizon, plan.epochs * data.batches_per_epoch)
     ema = ModelEmaV3(model, decay=ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
     optimizer = builders.build_optimizer(model, cfg, builders.scaled_lr(cfg.lr, cfg.batch_size * env.world_size,
                                                                          cfg.lr_base_size))
-    autocast, amp_dtype, scaler = builders.autocast_setup(env.device, cfg.amp, cfg.amp_dtype)
+    amp = builders.autocast_pays(env.device) if cfg.amp is None else cfg.amp  # unset: where it is faster
+    autocast, amp_dtype, scaler = builders.autocast_setup(env.device, amp, cfg.amp_dtype)
     mixup = builders.build_mixup(cfg, len(class_names))
     config = {**cfg.to_dict(), 'resume': None, 'overwrite': False}
     run = Run(cfg, config, env, say, data, model, model, ema, optimizer,
@@ -114,6 +117,9 @@ def build_run(cfg: RunConfig, env: DistEnv, say: Callable[[str], None]) -> Run:
         device = env.device
         run.train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if cfg.compile:
+        # the compiled module shares ``model``'s parameters: optimizer, EMA and checkpoints see the same tensors
+        run.train_model = torch.compile(run.train_model)
     return run
 
 
@@ -153,7 +159,8 @@ def _build_model(cfg: RunConfig, num_classes: int, resume: Optional[Dict[str, An
     return model, dataclasses.replace(cfg, **builders.data_settings(model, cfg), model_kwargs=arch)
 
 
-def _build_data(cfg: RunConfig, env: DistEnv, train_images, val_images, class_names: List[str]) -> RunData:
+def _build_data(cfg: RunConfig, env: DistEnv, train_images, val_images, class_names: List[str],
+                say: Callable[[str], None]) -> RunData:
     from .. import data as D
 
     transform = D.train_transform(cfg.augment, cfg.img_size, cfg.mean, cfg.std, cfg.interpolation,
@@ -168,11 +175,35 @@ def _build_data(cfg: RunConfig, env: DistEnv, train_images, val_images, class_na
             f'images); use -b {max(1, len(train_ds) // env.world_size)} or less')
     sampler = D.EpochSampler(train_ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed)
     pin = env.device.type == 'cuda'
+    if cfg.cache_images:
+        return _memory_data(cfg, env, train_images, val_images, class_names, sampler, say)
     train_loader = D.make_loader(train_ds, cfg.batch_size, sampler, cfg.workers, drop_last=True, pin_memory=pin,
                                  seed=cfg.seed)
     val_loader = D.make_loader(val_ds, cfg.batch_size, D.ShardSampler(len(val_ds), env.world_size, env.rank),
                                cfg.workers, pin_memory=pin, seed=cfg.seed)
     return RunData(class_names, train_ds, val_ds, sampler, train_loader, val_loader, len(sampler) // cfg.batch_size)
+
+
+def _memory_data(cfg: RunConfig, env: DistEnv, train_images, val_images, class_names: List[str], sampler,
+                 say: Callable[[str], None]) -> RunData:
+    """``--cache-images``: every image decoded once (each rank holds them all), batches made in memory."""
+    from .. import data as D
+
+    start = time.perf_counter()
+    prepare = D.memory_prepare(cfg.augment, cfg.img_size, cfg.mean, cfg.std, cfg.crop_pct, cfg.interpolation)
+    train = D.DecodedImages(train_images, prepare, cfg.img_size, cfg.workers, 'the training images',
+                            progress=cfg.progress and env.is_main)
+    val = D.DecodedImages(val_images, D.memory_prepare('none', cfg.img_size, cfg.mean, cfg.std, cfg.crop_pct,
+                                                       cfg.interpolation),
+                          cfg.img_size, cfg.workers, 'the validation images', progress=cfg.progress and env.is_main)
+    say(f'images in memory: {len(train)} training and {len(val)} validation images decoded once '
+        f'({(train.nbytes + val.nbytes) / 2**20:.0f} MB uint8, {time.perf_counter() - start:.1f} s)')
+    augment = (cfg.img_size // 8, cfg.hflip) if cfg.augment == 'pad-crop' else None
+    train_loader = D.MemoryLoader(train, cfg.batch_size, sampler, cfg.mean, cfg.std, augment, drop_last=True,
+                                  seed=cfg.seed)
+    val_loader = D.MemoryLoader(val, cfg.batch_size, D.ShardSampler(len(val), env.world_size, env.rank),
+                                cfg.mean, cfg.std)
+    return RunData(class_names, train, val, sampler, train_loader, val_loader, len(sampler) // cfg.batch_size)
 
 
 def _build_loss(cfg: RunConfig, mixup, num_classes: int, env: DistEnv) -> Callable:
