@@ -169,3 +169,68 @@ def test_ablate_user_mistakes_are_one_line(args, message, tmp_path, capsys):
     assert main(['ablate', *args, '-o', str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1
+
+
+def test_ablate_holds_out_a_split_of_a_folder_without_val(tiny_folder, tmp_path):
+    # CIFAR-10 as JPEG folders: DATA/<class>/*.jpg, no val/
+    result = ablate.run_ablation(str(tiny_folder / 'train'), epochs=1, seeds=1, img_size=8, variants=['wo_t2t'],
+                                 jobs=1, out_dir=tmp_path, val_split=0.34, log=lambda *_: None)
+    saved = torch.load(tmp_path / 'runs' / 'wo_t2t-seed0' / 'last.pth', map_location='cpu', weights_only=True)
+    assert saved['config']['val_split'] == 0.34 and saved['config']['cache_images'] is True
+    assert len(result.runs) == 1
+    with pytest.raises(UserError, match=r'--val-split 0\.1'):
+        ablate.run_ablation(str(tiny_folder / 'train'), epochs=1, seeds=1, img_size=8, variants=['wo_t2t'], jobs=1,
+                            out_dir=tmp_path, log=lambda *_: None)
+
+
+def test_killing_ablate_ends_its_worker_processes(tmp_path):
+    """The pool's workers are spawned processes: when ablate is killed they must not train on alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_helpers import subprocess_env
+
+    parent = subprocess.Popen([sys.executable, '-m', 't2tvit', 'ablate', '--epochs', '30', '--seeds', '3',
+                               '--budget-minutes', '60', '--jobs', '2', '-o', str(tmp_path / 'out')],
+                              env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers():
+        found = []
+        for pid in os.listdir('/proc'):
+            try:
+                with open(f'/proc/{pid}/stat') as f:
+                    ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+                with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                    spawned = b'spawn_main' in f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == parent.pid and spawned:
+                found.append(int(pid))
+        return found
+
+    running = []
+    try:
+        deadline = time.time() + 120
+        while len(workers()) < 2 and time.time() < deadline and parent.poll() is None:
+            time.sleep(0.5)
+        running = workers()
+        assert len(running) == 2, 'the ablation did not start its 2 workers'
+        time.sleep(3)  # past the workers' initializer
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.time() + 30
+        alive = running
+        while alive and time.time() < deadline:
+            time.sleep(0.5)
+            alive = [p for p in running if os.path.exists(f'/proc/{p}') and
+                     open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z']
+        assert not alive, f'workers {alive} still running after ablate was killed'
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for p in running:
+            if os.path.exists(f'/proc/{p}'):
+                os.kill(p, signal.SIGKILL)

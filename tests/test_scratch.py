@@ -107,7 +107,8 @@ def test_cifar10_scratch_resolves_to_what_its_comments_state():
     assert (cfg.batch_size, cfg.lr, cfg.lr_base_size, cfg.opt, cfg.weight_decay) == (128, 1e-3, 0, 'adamw', 0.05)
     assert (cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.smoothing, cfg.drop_path) == (
         'pad-crop', 0.5, 0.0, 0.0, 0.1, 0.0)
-    assert cfg.activations == 'plain' and cfg.amp is False and cfg.workers == 1
+    assert cfg.activations == 'plain' and cfg.amp is None and cfg.workers == 1
+    assert cfg.cache_images and cfg.compile
     # "20 epochs of 351 steps": 45,000 training images (50,000 less the 10% held out) at batch 128
     steps = 45000 // cfg.batch_size
     assert f'{cfg.epochs} epochs of {steps} steps' in text

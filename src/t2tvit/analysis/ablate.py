@@ -285,6 +285,20 @@ def default_jobs() -> int:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGTERM when the ablate process ends (killed, or Ctrl-C'd while the
+    pool waits), instead of leaving it training on alone."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+    except (OSError, AttributeError):
+        pass
 
 
 def _train_one(key: str, seed: int, overrides: dict[str, Any], counts: tuple[int, int]) -> Run:
