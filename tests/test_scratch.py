@@ -161,3 +161,27 @@ def test_a_short_run_on_cifar_jpegs_keeps_the_better_of_model_and_ema(tmp_path):
     v2 = run_cli(['validate', '--checkpoint', str(out / 'best.pth'), str(data), '-j', '0', '--no-progress',
                   '--json'], tmp_path)
     assert json.loads(v2.stdout.strip().splitlines()[-1])['images'] == 60
+
+
+@pytest.mark.parametrize('name', ['cifar10_scratch_lite_32', 'cifar10_scratch_fast_lite_32'])
+def test_the_readme_curves_are_the_metrics_files_beside_them(name):
+    """README's tables of the measured cifar10_scratch runs: each row is that epoch of docs/NAME.csv, and the
+    best number quoted is that file's best."""
+    text = (ROOT / 'README.md').read_text()
+    marker = f'<!-- curve: docs/{name}.csv -->'
+    section = text[text.index(marker) + len(marker):]
+    section = section[:section.index('<!-- end curve -->')]
+    with open(ROOT / 'docs' / f'{name}.csv') as f:
+        rows = {int(r['epoch']): r for r in csv.DictReader(f)}
+    table = re.findall(r'^\| (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| (model|ema) \|$', section, re.M)
+    assert len(table) >= 5
+    minutes = 0.0
+    for epoch in sorted(rows):
+        minutes += float(rows[epoch]['time']) / 60
+        rows[epoch]['minutes'] = round(minutes)
+    for epoch, mins, top1, ema, kept in table:
+        row = rows[int(epoch)]
+        assert (float(row['top1']), float(row['ema_top1']), row['kept']) == (float(top1), float(ema), kept), epoch
+        assert abs(row['minutes'] - int(mins)) <= 1, epoch
+    best = max(rows.values(), key=lambda r: max(float(r['top1']), float(r['ema_top1'])))
+    assert f"{max(float(best['top1']), float(best['ema_top1'])):.2f}%" in section
