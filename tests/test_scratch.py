@@ -185,3 +185,11 @@ def test_the_readme_curves_are_the_metrics_files_beside_them(name):
         assert abs(row['minutes'] - int(mins)) <= 1, epoch
     best = max(rows.values(), key=lambda r: max(float(r['top1']), float(r['ema_top1'])))
     assert f"{max(float(best['top1']), float(best['ema_top1'])):.2f}%" in section
+
+
+def test_the_readme_speed_tables_are_the_benchmark_file():
+    text = (ROOT / 'README.md').read_text()
+    start, end = '<!-- scratch-speed:start -->', '<!-- scratch-speed:end -->'
+    section = text[text.index(start) + len(start):text.index(end)].strip()
+    results = (ROOT / 'benchmarks' / 'RESULTS_scratch.md').read_text().split('\n', 2)[2].strip()
+    assert section == results and 'Machine:' in section and '| t2t_vit_7_32 |' in section
