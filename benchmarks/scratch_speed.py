@@ -77,8 +77,8 @@ def one_run(data: Path, model: str, extra, out: Path) -> dict:
             'img_s': float(rows[1]['img_per_s']), 'top1': float(rows[1]['top1']), 'precision': precision}
 
 
-def loader_seconds(data: Path, memory: bool) -> float:
-    """One epoch of the preset's training batches, without a model."""
+def loader_seconds(data: Path, memory: bool) -> tuple[float, float]:
+    """(set-up, one epoch) seconds of the preset's training batches, without a model."""
     from t2tvit import data as D
     from t2tvit.engine.config import build_config
     from t2tvit.engine.run import TRAIN_TRANSFORM_KEYS
@@ -89,7 +89,8 @@ def loader_seconds(data: Path, memory: bool) -> float:
     if memory:
         cache = D.DecodedImages(train, D.memory_prepare('pad-crop', 32, mean, std, 0.9, 'bicubic'), 32, cfg.workers)
         sampler = D.EpochSampler(cache, seed=cfg.seed)
-        loader = D.MemoryLoader(cache, cfg.batch_size, sampler, mean, std, (4, cfg.hflip), drop_last=True)
+        loader = D.MemoryLoader(cache, cfg.batch_size, sampler, mean, std, (D.pad_crop_padding(32), cfg.hflip),
+                                drop_last=True)
     else:
         settings = {k: getattr(cfg, k) for k in TRAIN_TRANSFORM_KEYS}
         settings.update(train_interpolation='bicubic', crop_pct=0.9)

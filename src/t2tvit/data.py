@@ -583,6 +583,11 @@ def eval_transform(img_size: int, mean, std, crop_pct: float, interpolation: str
     )
 
 
+def pad_crop_padding(img_size: int) -> int:
+    """The zero padding of ``--augment pad-crop``'s random crop: an eighth of the side (4 px at 32)."""
+    return img_size // 8
+
+
 def train_transform(
     augment: str,
     img_size: int,
@@ -612,7 +617,7 @@ def train_transform(
         return T.Compose(
             [
                 T.Resize(img_size, interpolation=str_to_interp_mode(interpolation)),
-                T.RandomCrop(img_size, padding=img_size // 8),
+                T.RandomCrop(img_size, padding=pad_crop_padding(img_size)),
                 T.RandomHorizontalFlip(hflip),
                 T.ToTensor(),
                 T.Normalize(tuple(mean), tuple(std)),
@@ -665,7 +670,7 @@ class DecodedImages:
     """Every image of ``images`` through ``prepare`` (a PIL image -> uint8 (3, S, S) tensor), once.
 
     ``pixels`` (N, 3, S, S) uint8, ``ok`` (N,) bool (False: the image failed to decode, ``pixels`` is zeros
-    there), ``targets`` and ``names`` as the images give them. The decoding runs in ``workers`` loader
+    there) and ``targets``; ``images`` is the source, for names in messages. The decoding runs in ``workers`` loader
     processes; an image whose prepared shape is not (3, S, S) is a UserError (the batched crop needs one size).
     """
 
@@ -674,7 +679,6 @@ class DecodedImages:
         from tqdm import tqdm
 
         self.images = images
-        self.describe = describe
         n = len(images)
         need = n * 3 * size * size
         budget = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
@@ -777,7 +781,6 @@ class MemoryLoader:
         self.augment, self.seed = augment, seed
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.dataset = images
 
     def __len__(self) -> int:
         n = len(self.sampler)

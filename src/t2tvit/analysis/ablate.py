@@ -214,9 +214,12 @@ def _counts(key: str, img_size: int, num_classes: int, in_chans: int = 3) -> tup
 
 def _step_seconds(key: str, img_size: int, num_classes: int, batch: int, threads: int) -> float:
     """Seconds of one training step at ``batch`` on ``threads`` threads (best of two after a warm-up)."""
+    from ..engine.builders import autocast_pays
     from ..factory import create_model
     model = create_model(VARIANTS[key]['model'], num_classes=num_classes, **model_kwargs(key, img_size))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # the runs leave --amp unset: bf16 where autocast pays (a CPU with AMX), so the estimate times that
+    bf16 = autocast_pays(torch.device('cpu'))
     x = torch.randn(batch, 3, img_size, img_size)
     y = torch.randint(0, num_classes, (batch,))
     before = torch.get_num_threads()
@@ -225,7 +228,8 @@ def _step_seconds(key: str, img_size: int, num_classes: int, batch: int, threads
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -283,22 +287,27 @@ def default_jobs() -> int:
     return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
-    _die_with_parent()
+    _die_with_parent(parent)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends this worker SIGTERM when the ablate process ends (killed, or Ctrl-C'd while the
-    pool waits), instead of leaving it training on alone."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the ablate process ends (killed, or Ctrl-C'd while the
+    pool waits), instead of leaving it training on alone; a parent already gone by now ends it at once."""
     import ctypes
+    import os
     import sys
     if not sys.platform.startswith('linux'):
         return
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+        # PR_SET_PDEATHSIG with SIGKILL, not SIGTERM: the training loop takes SIGTERM as 'save and stop after
+        # this step', and the run's result has no one left to report to; its atomic last.pth stays as it was
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != parent:  # the parent died before the request: no signal will come
+        os._exit(1)
 
 
 def _train_one(key: str, seed: int, overrides: dict[str, Any], counts: tuple[int, int]) -> Run:
@@ -383,9 +392,10 @@ def run_ablation(
             done(_train_one(k, seed, overrides, counts[k]))
     else:
         import multiprocessing
+        import os
         from concurrent.futures import ProcessPoolExecutor, as_completed
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
+                                 initargs=(threads, os.getpid())) as pool:
             futures = [pool.submit(_train_one, k, seed, overrides, counts[k]) for k, seed, overrides in todo]
             for f in as_completed(futures):
                 done(f.result())

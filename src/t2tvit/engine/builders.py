@@ -336,9 +336,10 @@ def teacher_input_size(teacher: nn.Module) -> Optional[Tuple[int, int]]:
 def autocast_pays(device: torch.device) -> bool:
     """Whether bf16/fp16 autocast beats fp32 on ``device``: CUDA, or a CPU with AMX tiles.
 
-    Measured on 2 cores at batch 128 (benchmarks/scratch_speed.py): a T2T-ViT-7 training step at 32 px is
-    ~2.9x faster under bf16 autocast on a Xeon with AMX, and ~10x slower on an EPYC (Zen 4) whose bf16 is
-    vector instructions only (avx512_bf16), where the casts around every matmul cost more than they save.
+    Measured on 2 cores at batch 128: a T2T-ViT-7_32 training step is 2x faster compiled under bf16 autocast
+    than fp32 eager on a Xeon with AMX (benchmarks/RESULTS_scratch.md), while a t2t_vit_lite_32 step was ~10x
+    slower in bf16 on an EPYC (Zen 4) whose bf16 is vector instructions only (avx512_bf16), where the casts
+    around every matmul cost more than they save.
     """
     if device.type == 'cuda':
         return True

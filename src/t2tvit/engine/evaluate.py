@@ -214,7 +214,7 @@ def validate(
             pin_memory=env.device.type == 'cuda',
         )
         if precision is None:
-            if amp is None and 'amp' in trained_on and trained_on['amp'] is None:
+            if amp is None and trained_on.get('amp', False) is None:
                 # a run of ours that left --amp unset validated each epoch where autocast pays: so does this
                 amp = autocast_pays(env.device)
             autocast, _, _ = autocast_setup(env.device, amp, 'auto')

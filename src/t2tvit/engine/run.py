@@ -198,7 +198,7 @@ def _memory_data(cfg: RunConfig, env: DistEnv, train_images, val_images, class_n
                           cfg.img_size, cfg.workers, 'the validation images', progress=cfg.progress and env.is_main)
     say(f'images in memory: {len(train)} training and {len(val)} validation images decoded once '
         f'({(train.nbytes + val.nbytes) / 2**20:.0f} MB uint8, {time.perf_counter() - start:.1f} s)')
-    augment = (cfg.img_size // 8, cfg.hflip) if cfg.augment == 'pad-crop' else None
+    augment = (D.pad_crop_padding(cfg.img_size), cfg.hflip) if cfg.augment == 'pad-crop' else None
     train_loader = D.MemoryLoader(train, cfg.batch_size, sampler, cfg.mean, cfg.std, augment, drop_last=True,
                                   seed=cfg.seed)
     val_loader = D.MemoryLoader(val, cfg.batch_size, D.ShardSampler(len(val), env.world_size, env.rank),
