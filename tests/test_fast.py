@@ -136,6 +136,81 @@ def test_compiled_stem_trains_with_the_eager_gradients():
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+# -- compiled training: the soft splits read from tokens, the dropout's hashed masks ----------------
+@pytest.mark.parametrize('h,w,k,s,p', [(32, 32, 3, 2, 1), (16, 16, 3, 2, 1), (56, 56, 3, 2, 1), (13, 9, 3, 2, 1),
+                                       (15, 15, 7, 4, 2), (8, 8, 3, 1, 1)])
+def test_soft_split_from_tokens_is_the_unfold_bit_for_bit(h, w, k, s, p):
+    from t2tvit.layers.t2t import _restructurize, split_tokens
+    tokens = torch.randn(2, h * w, 5)
+    ref = F.unfold(_restructurize(tokens, h, w), k, padding=p, stride=s).transpose(1, 2)
+    assert torch.equal(split_tokens(tokens, h, w, k, s, p), ref)
+
+
+def test_the_compiled_stem_reads_its_splits_from_tokens_and_a_hook_brings_back_the_unfold():
+    model = t2tvit.create_model('t2t_vit_lite_32').eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model.tokens_to_token.stages(x)[0]
+
+    def unfolds_in_graph() -> int:
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm.code)
+            return gm.forward
+        torch._dynamo.reset()
+        out = torch.compile(model.tokens_to_token.stages, backend=backend)(x)[0]
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+        return sum(code.count('functional.unfold(') for code in graphs)
+    assert unfolds_in_graph() == 1  # soft_split0 reads the image; splits 1 and 2 read the tokens
+    seen = []
+    model.tokens_to_token.soft_split1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert unfolds_in_graph() == 3  # a hooked split runs as nn.Unfold, and its hook fires
+    assert seen == [torch.Size([2, 144, 256])]
+    torch._dynamo.reset()
+
+
+def test_dropout_is_torchs_in_eager_mode_and_an_unbiased_bernoulli_when_compiled():
+    from t2tvit.layers.dropout import Dropout, hashed_uniform_bits
+    ours, ref = Dropout(0.1).train(), torch.nn.Dropout(0.1).train()
+    x = torch.randn(64, 1000)
+    torch.manual_seed(3)
+    a = ours(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, ref(x))  # eager: torch's own masks for the same seed (the reference's numbers)
+    assert torch.equal(ours.eval()(x), x)
+    compiled = torch.compile(Dropout(0.1).train())
+    n = 1_000_000
+    ones = torch.ones(n)
+    torch.manual_seed(0)
+    y = compiled(ones)
+    torch.manual_seed(0)
+    assert torch.equal(compiled(ones), y)  # a function of torch's seed
+    assert not torch.equal(compiled(ones), y)  # a new mask per call
+    values = y.unique()
+    assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / 0.9)
+    kept = (y != 0).double()
+    # binomial: standard error of the drop rate sqrt(0.09 / n) = 0.0003; 4 of them
+    assert abs(1 - kept.mean().item() - 0.1) < 4 * (0.09 / n) ** 0.5
+    # neighbours independent (the mask of element i says nothing of i + 1 or of the next row)
+    for lag in (1, 16, 1000):
+        corr = torch.corrcoef(torch.stack([kept[:-lag], kept[lag:]]))[0, 1].item()
+        assert abs(corr) < 4 / n ** 0.5, lag
+    # the 24-bit uniforms: 64 equal bins within 4.5 standard errors each, and a chi-square of 63 degrees
+    # of freedom below its 0.1% point
+    bits = hashed_uniform_bits((n,), torch.tensor(12345))
+    assert bits.min() >= 0 and bits.max() < 2 ** 24
+    counts = torch.bincount(bits >> 18, minlength=64).double()
+    expected = n / 64
+    assert ((counts - expected).abs() < 4.5 * expected ** 0.5).all()
+    assert ((counts - expected) ** 2 / expected).sum() < 103.4
+    # the gradient is the mask, scaled
+    x = torch.randn(1000, requires_grad=True)
+    torch.manual_seed(1)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (out != 0).float() / 0.9)
+
+
 # -- low precision: weights cast once, int8 ---------------------------------------------------------
 @pytest.mark.parametrize('dtype,cast,fused', [('bf16', True, False), ('bf16', True, True), ('int8', False, False)])
 def test_low_precision_keeps_the_top1_of_float32_on_digits(dtype, cast, fused, fixtures_dir, official_ckpt):

@@ -21,6 +21,7 @@ import torch.fx
 import torch.nn as nn
 
 from .attention import check_attn_impl
+from .dropout import Dropout
 from .lean import LeanSaving, lean_saving_applies
 
 
@@ -92,7 +93,7 @@ class TokenPerformer(nn.Module):
         self.epsilon = 1e-8
         self.attn_impl = check_attn_impl(attn_impl)
         self.kqv = nn.Linear(dim, 3 * self.emb)
-        self.dp = nn.Dropout(dp1)
+        self.dp = Dropout(dp1)
         self.proj = nn.Linear(self.emb, self.emb)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(self.emb)
@@ -100,7 +101,7 @@ class TokenPerformer(nn.Module):
             nn.Linear(self.emb, self.emb),
             nn.GELU(),
             nn.Linear(self.emb, self.emb),
-            nn.Dropout(dp2),
+            Dropout(dp2),
         )
         # a persistent buffer, not a frozen Parameter: it is never trained, so optimizers and gradient
         # checks (timm's model tests) need not skip it; the state-dict key ``w`` and its place stay the reference's
