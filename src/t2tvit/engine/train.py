@@ -3,7 +3,7 @@
 ``train`` is what ``t2tvit train`` and ``t2tvit finetune`` run, in one process or in each process
 of a torchrun job. Rank 0 writes every file; every rank holds the same model and EMA (DDP
 averages the gradients, the EMA is updated from identical weights). A run stops cleanly on
-SIGINT/SIGTERM (at the end of the current step, ``last.pth`` written), after
+SIGINT/SIGTERM/SIGUSR1 (at the end of the current step, ``last.pth`` written), after
 ``stop_after_epochs`` epochs, or after 20 non-finite losses in a row (no checkpoint written, the
 last good one kept).
 """
@@ -32,7 +32,7 @@ MAX_NONFINITE_IN_ROW = 20
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM: ``last.pth`` holds the state at the end of the last step; exit 128 + signal."""
+    """SIGINT/SIGTERM/SIGUSR1: ``last.pth`` holds the state at the end of the last step; exit 128 + signal."""
 
     def __init__(self, signum: int, checkpoint: Path, epoch: int, batches_done: Optional[int]):
         """``batches_done`` of (0-based) ``epoch``; None: stopped between epochs, ``epoch`` of them done."""
@@ -68,9 +68,13 @@ class FitResult:
 
 
 class StopSignals:
-    """SIGINT/SIGTERM set a flag read at the end of each step; a second SIGINT stops at once."""
+    """SIGINT/SIGTERM/SIGUSR1 set a flag read at the end of each step; a second SIGINT stops at once.
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGUSR1 is what a cluster sends before it preempts a job (SLURM's ``--signal=USR1@90``); under torchrun
+    every rank's flag goes into the step's one all-reduce, so all ranks stop after the same step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.signum = 0
