@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -86,6 +85,8 @@ def test_a_worker_killed_mid_step_is_restarted_by_torchrun_and_ends_bit_identica
     assert rc == 0, err[-3000:]
     assert 'resumed from' in out and out.count('epoch 1/3') == 1 and out.count('epoch 3/3') == 1
     assert 'connectFullMesh' not in err
+    # the survivor says so in one line, no traceback
+    assert 'rank 0 stopped: another process of the job is gone' in err and 'Traceback' not in err, err[-3000:]
     assert_same_run(uninterrupted, load(tmp_path / 'b' / 'last.pth'))
 
 
@@ -97,9 +98,10 @@ def test_a_preemption_signal_stops_every_rank_at_one_step_and_the_run_resumes_bi
     rc, out, err = torchrun(tmp_path, tmp_path / 'b', fault=(0, 30, signal.SIGUSR1, 'job'), extra_env=env)
     assert rc != 0, 'a preempted job must not look finished'
     assert 'interrupted by SIGUSR1 in epoch 2 after 8 batches' in err, err[-3000:]
+    assert 'SIGUSR1' in (tmp_path / 'b' / 'INTERRUPTED').read_text()  # what a requeue script tests for
     stopped = load(tmp_path / 'b' / 'last.pth')
     assert stopped['step'] == 30  # both ranks stopped after step 30 (22 of epoch 1, 8 of epoch 2)
     rc, out, err = torchrun(tmp_path, tmp_path / 'b')
     assert rc == 0, err[-3000:]
-    assert 'resumed from' in out
+    assert 'resumed from' in out and not (tmp_path / 'b' / 'INTERRUPTED').exists()
     assert_same_run(uninterrupted, load(tmp_path / 'b' / 'last.pth'))

@@ -288,6 +288,18 @@ def _quiet_rank() -> bool:
     return env_rank() != 0
 
 
+def _lost_peer(error: RuntimeError) -> Optional[str]:
+    """The short reason when ``error`` is a collective that failed because a peer process died, else None."""
+    import torch.distributed as dist
+    text = str(error)
+    signs = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'Socket Timeout',
+             'Connection refused', 'NCCL communicator was aborted', 'remote process exited')
+    hit = next((m for m in signs if m in text), None)
+    if hit is None and not isinstance(error, getattr(dist, 'DistNetworkError', ())):
+        return None
+    return hit or text.splitlines()[0][:120]
+
+
 def _run_training(command: str, args) -> int:
     """Run ``engine.train``; only rank 0 prints errors and the how-to-resume line."""
     import signal as _signal
@@ -307,6 +319,16 @@ def _run_training(command: str, args) -> int:
         if _quiet_rank():
             return UserError.exit_code
         raise
+    except RuntimeError as e:
+        lost = _lost_peer(e)
+        if lost is None or not launched_by_torchrun():
+            raise
+        from .engine.distributed import env_rank
+        # one line per surviving rank instead of pages of tracebacks; torchrun's own summary follows
+        print(f't2tvit {command}: rank {env_rank()} stopped: another process of the job is gone ({lost}); nothing '
+              f'was written for the step in flight, {cfg.output}/last.pth stays the resume point (torchrun '
+              f'--max-restarts N restarts the job with --resume auto; or rerun with --resume auto)', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if not _quiet_rank():
             print(f't2tvit {command}: interrupted before training started; nothing was saved', file=sys.stderr)

@@ -107,11 +107,29 @@ def train(cfg, log: Callable[[str], None] = print) -> FitResult:
         shutdown(env)
 
 
+INTERRUPTED_FILE = 'INTERRUPTED'
+
+
+@contextlib.contextmanager
+def _marking_interruptions(run: Run):
+    """``OUTPUT/INTERRUPTED`` (rank 0) while a run stopped by a signal waits to be resumed: a requeue
+    script tests for it (README, "Many machines and failures"); a run that goes on removes it."""
+    marker = run.out / INTERRUPTED_FILE
+    if run.env.is_main:
+        marker.unlink(missing_ok=True)
+    try:
+        yield
+    except Interrupted as e:
+        if run.env.is_main:
+            marker.write_text(f'{e}\n')
+        raise
+
+
 def fit(run: Run) -> FitResult:
     """Epochs from where ``run`` stands to the end of its schedule (or ``stop_after_epochs`` of them)."""
     state, total = run.state, run.plan.epochs
     result = FitResult(run.out, state.epoch, total, state.best_metric, state.best_epoch, {}, state.best_kept)
-    with StopSignals() as signals, contextlib.closing(open_output(run)) as records:
+    with StopSignals() as signals, contextlib.closing(open_output(run)) as records, _marking_interruptions(run):
         announce(run)
         for done_here, epoch in enumerate(range(state.epoch, total), 1):
             desc = f'epoch {epoch + 1}/{total}'
