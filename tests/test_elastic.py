@@ -65,6 +65,31 @@ def torchrun(tmp_path, out, fault=None, restarts=0, extra_env=None, timeout=400)
     return proc.returncode, stdout, stderr
 
 
+def two_nodes(tmp_path, out, fault, timeout=400):
+    """Two torchrun launchers of one process each ("nodes" on loopback, one c10d rendezvous); exit statuses."""
+    script = tmp_path / 'fault.py'
+    script.write_text(FAULT)
+    endpoint, env = f'127.0.0.1:{free_port()}', subprocess_env()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc_per_node', '1',
+               '--rdzv-backend', 'c10d', '--rdzv-endpoint', endpoint, '--rdzv-id', 'two-nodes', '--max-restarts', '1',
+               '--monitor-interval', '0.2', str(script), *(str(int(v)) if not isinstance(v, str) else v for v in fault),
+               *ARGS, '-o', str(out)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise AssertionError('two-node torchrun hung')
+        results.append((proc.returncode, stdout, stderr))
+    return results
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('elastic')
@@ -104,4 +129,13 @@ def test_a_preemption_signal_stops_every_rank_at_one_step_and_the_run_resumes_bi
     rc, out, err = torchrun(tmp_path, tmp_path / 'b')
     assert rc == 0, err[-3000:]
     assert 'resumed from' in out and not (tmp_path / 'b' / 'INTERRUPTED').exists()
+    assert_same_run(uninterrupted, load(tmp_path / 'b' / 'last.pth'))
+
+
+def test_two_nodes_on_loopback_survive_one_nodes_worker_killed(uninterrupted, tmp_path):
+    # global rank 1 is the worker of the second launcher: it dies mid-step 30; both nodes re-rendezvous
+    results = two_nodes(tmp_path, tmp_path / 'b', (1, 30, signal.SIGKILL, 'self'))
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    out = ''.join(o for _, o, _ in results)
+    assert 'resumed from' in out and out.count('epoch 3/3') == 1
     assert_same_run(uninterrupted, load(tmp_path / 'b' / 'last.pth'))
