@@ -103,16 +103,16 @@ def test_cifar10_scratch_resolves_to_what_its_comments_state():
     text = find_preset('cifar10_scratch').read_text()
     cfg = build_config('train', 'cifar10_scratch')
     assert cfg.model == 't2t_vit_lite_32' and cfg.img_size == 32 and cfg.val_split == 0.1
-    assert (cfg.epochs, cfg.warmup_epochs, cfg.cooldown_epochs, cfg.sched_on_updates) == (20, 2, 0, True)
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.cooldown_epochs, cfg.sched_on_updates) == (40, 2, 0, True)
     assert (cfg.batch_size, cfg.lr, cfg.lr_base_size, cfg.opt, cfg.weight_decay) == (128, 1e-3, 0, 'adamw', 0.05)
     assert (cfg.augment, cfg.hflip, cfg.mixup, cfg.cutmix, cfg.smoothing, cfg.drop_path) == (
         'pad-crop', 0.5, 0.0, 0.0, 0.1, 0.0)
     assert cfg.activations == 'plain' and cfg.amp is None and cfg.workers == 1
     assert cfg.cache_images and cfg.compile
-    # "20 epochs of 351 steps": 45,000 training images (50,000 less the 10% held out) at batch 128
+    # "40 epochs of 351 steps": 45,000 training images (50,000 less the 10% held out) at batch 128
     steps = 45000 // cfg.batch_size
     assert f'{cfg.epochs} epochs of {steps} steps' in text
-    # "at most 10% of the 7,020 steps (decay 0.99858 ...)"
+    # "at most 10% of the 14,040 steps (decay 0.99929 ...)"
     total = cfg.epochs * steps
     decay = builders.ema_decay(cfg.model_ema_decay, cfg.model_ema_horizon, total)
     assert f'{total:,} steps' in text and f'decay\n# {decay:.5f}' in text
