@@ -77,3 +77,45 @@ def test_ddp_resume_matches_an_uninterrupted_ddp_run(folder, tmp_path):
     a, b = load(tmp_path / 'a' / 'last.pth'), load(tmp_path / 'b' / 'last.pth')
     assert_same_tensors(a['model'], b['model'], where='model')
     assert_same_tensors(a['optimizer'], b['optimizer'], where='optimizer')
+
+
+# the torchrun entry point: ``python -m t2tvit ARGS`` that counts, per rank, the class folders it lists itself
+COUNT_SCANS = """
+import atexit, os, sys
+from t2tvit import data
+real, calls = data.images_under, [0]
+
+def counted(*a, **k):
+    calls[0] += 1
+    return real(*a, **k)
+
+data.images_under = counted
+atexit.register(lambda: open(f'scans_rank{os.environ["RANK"]}', 'w').write(str(calls[0])))
+from t2tvit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_folder_is_scanned_by_rank_0_alone_and_a_bad_folder_fails_on_every_rank(folder, tmp_path):
+    script = tmp_path / 'count.py'
+    script.write_text(COUNT_SCANS)
+
+    def torchrun_counting(args):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+               str(free_port()), str(script), *args]
+        return subprocess.run(cmd, check=False, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                              timeout=300)
+    r = torchrun_counting(_args(folder, tmp_path / 'ddp', 4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    classes = len([p for p in (folder / 'train').iterdir() if p.is_dir()])
+    # train/ and val/ listed once each, class by class, by rank 0; rank 1 got the lists
+    assert (tmp_path / 'scans_rank0').read_text() == str(2 * classes)
+    assert (tmp_path / 'scans_rank1').read_text() == '0'
+    # rank 0's UserError reaches the other rank too: both exit with the one-line error, no hang
+    bad = tmp_path / 'bad'
+    (bad / 'train' / 'empty_class').mkdir(parents=True)
+    (bad / 'val').mkdir()
+    r = torchrun_counting(_args(bad, tmp_path / 'bad_run', 4))
+    assert r.returncode != 0 and r.stderr.count('t2tvit train: error: no images found in') == 1  # rank 0 speaks
+    # no traceback of ours (torchrun's own summary follows)
+    assert 'UserError' not in r.stderr and 't2tvit/data.py' not in r.stderr

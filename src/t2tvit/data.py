@@ -179,7 +179,30 @@ class FolderImages(LabelledImages):
 
 
 def scan_folder(root: Path, describe: str) -> Dict[str, List[str]]:
-    """{class: sorted image paths}; a missing tree, no class folders or an empty class is a UserError."""
+    """{class: sorted image paths}; a missing tree, no class folders or an empty class is a UserError.
+
+    In a job of several processes (torch.distributed initialised) rank 0 alone walks the tree and the
+    others receive its list: one scan per job, not one per rank, on a shared file system where listing
+    1.28 million files is minutes of metadata requests. Every rank calls this in the same order (the
+    run's data set-up is the same code on every rank), so the broadcasts pair up.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return _scan_folder(root, describe)
+    box: List[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ('found', _scan_folder(root, describe))
+        except UserError as e:
+            box[0] = ('error', str(e))
+    dist.broadcast_object_list(box, src=0)  # a list of our own job's rank 0: plain str/list/dict
+    kind, value = box[0]
+    if kind == 'error':
+        raise UserError(value)
+    return value
+
+
+def _scan_folder(root: Path, describe: str) -> Dict[str, List[str]]:
     if not root.is_dir():
         raise UserError(f'{describe}: no such folder (expected {describe}/<class>/*.jpg)')
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
