@@ -163,7 +163,8 @@ def test_a_short_run_on_cifar_jpegs_keeps_the_better_of_model_and_ema(tmp_path):
     assert json.loads(v2.stdout.strip().splitlines()[-1])['images'] == 60
 
 
-@pytest.mark.parametrize('name', ['cifar10_scratch_lite_32', 'cifar10_scratch_fast_lite_32'])
+@pytest.mark.parametrize('name', ['cifar10_scratch_lite_32', 'cifar10_scratch_fast_lite_32',
+                                  'cifar10_scratch_fast_7_32'])
 def test_the_readme_curves_are_the_metrics_files_beside_them(name):
     """README's tables of the measured cifar10_scratch runs: each row is that epoch of docs/NAME.csv, and the
     best number quoted is that file's best."""
