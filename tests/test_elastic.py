@@ -49,9 +49,10 @@ def torchrun(tmp_path, out, fault=None, restarts=0, extra_env=None, timeout=400)
     script = tmp_path / 'fault.py'
     script.write_text(FAULT)
     rank, step, signum, target = fault or (-1, 0, 0, 'self')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--rdzv-backend', 'c10d',
-           '--rdzv-endpoint', f'127.0.0.1:{free_port()}', '--max-restarts', str(restarts), '--monitor-interval',
-           '0.2', str(script), str(rank), str(step), str(int(signum)), target, *ARGS, '-o', str(out)]
+    # README's one-machine command: --standalone (a c10d rendezvous on a free local port)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '--max-restarts',
+           str(restarts), '--monitor-interval', '0.2', str(script), str(rank), str(step), str(int(signum)), target,
+           *ARGS, '-o', str(out)]
     env = {**subprocess_env(), **(extra_env or {})}
     # a session of its own: a signal to the "job" reaches torchrun and its workers, not pytest
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

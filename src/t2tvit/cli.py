@@ -295,7 +295,7 @@ def _lost_peer(error: RuntimeError) -> Optional[str]:
     signs = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'Socket Timeout',
              'Connection refused', 'NCCL communicator was aborted', 'remote process exited')
     hit = next((m for m in signs if m in text), None)
-    if hit is None and not isinstance(error, getattr(dist, 'DistNetworkError', ())):
+    if hit is None and not isinstance(error, dist.DistNetworkError):
         return None
     return hit or text.splitlines()[0][:120]
 

@@ -10,6 +10,8 @@ same: each element is kept independently with probability ``1 - p`` (to 2^-24, t
 torch's own float uniforms) and scaled by ``1 / (1 - p)``. Eager mode, TorchScript, fx and export are the
 plain ``torch.nn.functional.dropout``, so eager masks stay torch's (and the reference's) for a given seed.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,12 +33,9 @@ def _shift(z: torch.Tensor, n: int) -> torch.Tensor:
 
 def hashed_uniform_bits(shape, seed: torch.Tensor) -> torch.Tensor:
     """int64 tensor of ``shape`` with independent uniform values in [0, 2^24): splitmix64 of seed + index."""
-    n = 1
-    for s in shape:
-        n *= s
     # (index + seed) * gamma, not index * gamma + seed: inductor would fold the latter into an index
     # expression and overflow its int64 arithmetic
-    z = (torch.arange(n, device=seed.device, dtype=torch.int64).view(shape) + seed) * _GAMMA
+    z = (torch.arange(math.prod(shape), device=seed.device, dtype=torch.int64).view(shape) + seed) * _GAMMA
     z = (z ^ _shift(z, 30)) * _MIX1
     z = (z ^ _shift(z, 27)) * _MIX2
     z = z ^ _shift(z, 31)

@@ -187,6 +187,11 @@ def split_tokens(tokens: torch.Tensor, h: int, w: int, kernel_size: int, stride:
     return torch.stack(windows, dim=-1).reshape(B, ho * wo, C * kernel_size * kernel_size)
 
 
+def _hooked(modules) -> bool:
+    """Whether a forward (pre-)hook waits on any of ``modules``: a path that skips their calls must not apply."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def _restructurize(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, h * w, C) tokens -> (B, C, h, w) image, a channels-last view of the same memory."""
     return tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
@@ -279,7 +284,7 @@ class T2TModule(nn.Module):
         # a hook on a module the fused path does not call would silently not fire: such a caller gets the reference path
         modules = [self.soft_split0, self.soft_split1, self.soft_split2, self.attention1, self.attention2, self.project]
         modules += self._input_projection(self.attention1) + self._input_projection(self.attention2)
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+        return not _hooked(modules)
 
     @torch.jit.unused
     def forward_fused(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -337,6 +342,7 @@ class T2TModule(nn.Module):
         # re-structurization: tokens back to an image of token_dim channels
         x = t.transpose(1, 2).reshape(B, self.token_dim, g1[0], g1[1])
         stages.append(x)
+        # spelled out per stage (not a helper choosing soft_split1 or 2): TorchScript calls submodules by name only
         if token_splits:
             x = split_tokens(t, g1[0], g1[1], self.kernel_sizes[1], self.strides[1], self.paddings[1])
         else:
@@ -359,7 +365,7 @@ class T2TModule(nn.Module):
         compiled graphs, unless a hook waits on those ``nn.Unfold`` modules."""
         if not torch.compiler.is_compiling():
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in (self.soft_split1, self.soft_split2))
+        return not _hooked((self.soft_split1, self.soft_split2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[0]
