@@ -568,6 +568,39 @@ def _add_convert(sub):
     p.add_argument('--no-ema', action='store_true', help='--to t2tvit / hf: write the raw weights, not the EMA')
 
 
+# -- prepare ----------------------------------------------------------------------------------------
+def _run_prepare(args) -> int:
+    from .sources import MANIFEST, prepare
+    if len(args.paths) == 1 and args.dataset != 'digits':
+        raise UserError('give DATA and OUT (the images and the folder to write the shards to); '
+                        'OUT alone only with --dataset digits')
+    if len(args.paths) > 2:
+        raise UserError(f'give DATA and OUT, two paths (got {len(args.paths)})')
+    data, out = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+    dataset = args.dataset or 'folder'
+    manifest = prepare(dataset, data, out, shard_images=args.shard_images, seed=args.seed,
+                       progress=args.progress)
+    for split, entry in manifest['splits'].items():
+        print(f"{out}/{split}: {entry['images']} images of {len(manifest['classes'])} classes in "
+              f"{len(entry['shards'])} shards")
+    print(f'{out}/{MANIFEST}: the manifest (train, validate, predict and ablate read {out} or it)')
+    return 0
+
+
+def _add_prepare(sub):
+    p = _command(sub, 'prepare', 'write images (a folder tree, CIFAR archives, the digits) as WebDataset tar '
+                 'shards with a manifest, for train/validate/predict/ablate to read locally, from a URL or a pipe:',
+                 _run_prepare, parents=[_shared(progress=True)])
+    p.add_argument('paths', metavar='DATA OUT', nargs='+',
+                   help='the images (DATA/train/<class>/*.jpg and DATA/val/..., or DATA/<class>/*.jpg, or CIFAR '
+                        'archives with --dataset cifar10) and the folder to write (OUT alone with --dataset digits)')
+    p.add_argument('--dataset', choices=['folder', 'cifar10', 'cifar100', 'digits'],
+                   help='what DATA holds (default folder)')
+    p.add_argument('--shard-images', type=int, default=1000, metavar='N',
+                   help='images per shard (default 1000: ~100 MB of ImageNet JPEGs, a good size to stream)')
+    p.add_argument('--seed', type=int, default=0, help='the shuffle that mixes the classes in each shard (default 0)')
+
+
 # -- benchmark ------------------------------------------------------------------------------------
 def _run_benchmark(args) -> int:
     from .analysis.benchmark import BenchmarkConfig, format_result, run_benchmark
@@ -712,8 +745,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADDERS: List[Callable] = [_add_models, _add_visualize, _add_profile, _add_report, _add_ablate,
-                          _add_train, _add_validate, _add_finetune, _add_predict, _add_demo, _add_convert,
+                          _add_train, _add_validate, _add_finetune, _add_predict, _add_demo, _add_prepare, _add_convert,
                           _add_benchmark, _add_export, _add_serve]
+
+
+def _one_line(e: UserError) -> str:
+    """The message; of an error re-raised from a DataLoader worker (torch puts the worker's traceback in it), the
+    worker's own message."""
+    text = str(e)
+    if 'Original Traceback' in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(': ', 1)[1] if ': ' in last else last
+    return text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -727,7 +770,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(_RUNNERS[args.command](args) or 0)
     except UserError as e:
-        print(f't2tvit {args.command}: error: {e}', file=sys.stderr)
+        print(f't2tvit {args.command}: error: {_one_line(e)}', file=sys.stderr)
         return e.exit_code
     except FileNotFoundError as e:
         print(f't2tvit {args.command}: error: {e.filename or e}: no such file (check the path)', file=sys.stderr)

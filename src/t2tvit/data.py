@@ -345,7 +345,11 @@ class AugmentedDataset(Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         try:
             img = self.images.image(i)
-        except (UserError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except UserError as e:
+            if getattr(e, 'fatal', False):  # a shard unlike its manifest: the run stops, no image to skip
+                raise
+            return Failed(self.images.name(i), f'{type(e).__name__}: {e}')
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             return Failed(self.images.name(i), f'{type(e).__name__}: {e}')
         with _seeded(self.seed, epoch, i):
             x = self.transform(img)
@@ -388,20 +392,56 @@ class EpochSampler(DistributedSampler):
     ``skip`` drops the first indices of this rank, the ones a resumed run already trained on; the
     keys carry the epoch so that :class:`AugmentedDataset` seeds each image's augmentation.
     With one process it is a seeded shuffle, the same permutation the ranks of a DDP run share.
+
+    ``groups`` (the shard of each image, :func:`shard_groups`) makes the shuffle shard-local: the
+    shards in a random order, taken ``SHARD_GROUP`` at a time, the images of each group shuffled together.
+    A loader worker then reads a few shards at once instead of one image from every shard of the set;
+    prepare shuffles the images across shards, so a group is a random sample of every class.
     """
 
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 groups: Optional[Sequence[int]] = None):
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
         )
         self.skip = 0
+        self.groups = None if groups is None else [int(g) for g in groups]
+
+    def _grouped(self) -> List[int]:
+        from .sources import SHARD_GROUP
+
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        members: Dict[int, List[int]] = {}
+        for i, s in enumerate(self.groups):
+            members.setdefault(s, []).append(i)
+        shards = sorted(members)
+        shards = [shards[k] for k in torch.randperm(len(shards), generator=g).tolist()]
+        order: List[int] = []
+        for start in range(0, len(shards), SHARD_GROUP):
+            chunk = [i for s in shards[start:start + SHARD_GROUP] for i in members[s]]
+            order += [chunk[k] for k in torch.randperm(len(chunk), generator=g).tolist()]
+        order += order[: self.total_size - len(order)]
+        return order[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip :]
+        indices = self._grouped() if self.shuffle and self.groups is not None else list(super().__iter__())
+        indices = indices[self.skip :]
         return iter([(self.epoch, i) for i in indices])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+def shard_groups(images: 'LabelledImages') -> Optional[List[int]]:
+    """The shard each image lives in, for :class:`EpochSampler`'s shard-local shuffle; None for random-access
+    sources (folders, archives, datasets files)."""
+    base, indices = images, None
+    if isinstance(images, SubsetImages):
+        base, indices = images.base, images.indices
+    shard_of = getattr(base, 'shard_of', None)
+    if shard_of is None:
+        return None
+    return [shard_of(i) for i in (indices if indices is not None else range(len(base)))]
 
 
 class ShardSampler(Sampler):
@@ -517,6 +557,10 @@ def training_images(
         if val_split > 0:
             return held_out_split(train, val_split, seed, describe='digits train')
         return train, DigitsImages(train=False, size=img_size)
+    if dataset == 'folder' and data is not None:
+        found = _source_images(data, val_split, seed)
+        if found is not None:
+            return found
     root = Path(data)
     if not root.exists():
         raise UserError(f'{data}: no such folder')
@@ -549,12 +593,54 @@ def training_images(
     return train, val
 
 
+def _source_images(data: str, val_split: float, seed: int):
+    """(train, val) of a shard set or a datasets file, or None when DATA is neither (a folder tree)."""
+    from . import sources
+
+    kind = sources.kind_of(data)
+    if kind is None:
+        return None
+    if kind == 'shards':
+        manifest = sources.Manifest(data)
+        train = manifest.images('train')
+        val = None if val_split > 0 or manifest.split('val') is None else manifest.images('val')
+    else:
+        train = sources.datasets_images(data, 'train')
+        if train is None:
+            raise UserError(f'{data}: no train split (it has {sources.describe_splits(data)}); name the '
+                            f'training files train-*.parquet or save a DatasetDict with a train split')
+        val = None if val_split > 0 else sources.datasets_images(data, 'val', classes=train.classes)
+    if val_split > 0:
+        return held_out_split(train, val_split, seed, describe=f'{data} train')
+    if val is None:
+        raise UserError(f'{data}: no validation split in it; hold out part of the training images with '
+                        f'--val-split 0.1')
+    return train, val
+
+
+def _source_eval_images(data: str, classes: Optional[Sequence[str]]):
+    """The val split of a shard set or a datasets file (its train split when it has none), or None."""
+    from . import sources
+
+    kind = sources.kind_of(data)
+    if kind == 'shards':
+        manifest = sources.Manifest(data)
+        return manifest.images('val' if manifest.split('val') is not None else 'train')
+    if kind == 'datasets':
+        return sources.datasets_images(data, 'val') or sources.datasets_images(data, 'train')
+    return None
+
+
 def evaluation_images(
     dataset: str, data: Optional[str], img_size: int, classes: Optional[Sequence[str]] = None
 ) -> LabelledImages:
     """Images to validate on: DATA/val (or DATA holding class folders), CIFAR test, digits val."""
     if dataset == 'digits':
         return DigitsImages(train=False, size=img_size)
+    if dataset == 'folder' and data is not None:
+        found = _source_eval_images(data, classes)
+        if found is not None:
+            return found
     root = Path(data)
     if not root.exists():
         raise UserError(f'{data}: no such folder')

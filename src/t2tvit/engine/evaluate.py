@@ -1,6 +1,7 @@
 """Evaluation (top-1, top-5, loss, throughput; sums all-reduced across ranks) and prediction."""
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -114,13 +115,14 @@ def predict(
     step = max(1, batch_size)
     for start in range(0, len(paths), step):
         chunk = paths[start:start + step]
-        x = torch.stack([transform(load_image(path)) for path in chunk]).to(device)
+        x = torch.stack([transform(path[1]() if isinstance(path, tuple) else load_image(path))
+                         for path in chunk]).to(device)
         probs = precision.logits(model, x).softmax(dim=1)
         k = min(topk, probs.shape[1])
         for path, (p, idx) in zip(chunk, zip(*probs.topk(k, dim=1))):
             results.append(
                 {
-                    'image': str(path),
+                    'image': path[0] if isinstance(path, tuple) else str(path),
                     'top': [
                         {
                             'class': class_names[i] if i < len(class_names) else str(i),
@@ -264,6 +266,25 @@ def _held_out_images(trained_on: Dict[str, Any], dataset: str, data: Optional[st
     return held
 
 
+def _predict_inputs(paths: Sequence[str]) -> List[Any]:
+    """Image files, each folder's images, and for a shard set or datasets file the images of its val split
+    (its train split when it has none) as ``(name, load)`` pairs, in the order given."""
+    from .. import data as D
+    from .. import sources
+
+    items: List[Any] = []
+    plain: List[str] = []
+    for path in map(str, paths):
+        if sources.kind_of(path) is None:
+            plain.append(path)
+            continue
+        items += D.image_files(plain)
+        plain = []
+        images = D.evaluation_images('folder', path, 0)
+        items += [(images.name(i), functools.partial(images.image, i)) for i in range(len(images))]
+    return items + D.image_files(plain)
+
+
 def predict_files(
     paths: Sequence[str],
     checkpoint: str,
@@ -282,7 +303,7 @@ def predict_files(
 
     dev = pick_device(device)
     precision = (precision or InferencePrecision()).check(dev)
-    paths = D.image_files(paths)  # a folder: every image file in it
+    paths = _predict_inputs(paths)
     model, ckpt, model_name = model_for_checkpoint(model_name, checkpoint, img_size)
     pre = _preprocessing(model, train_config(ckpt), None)
     names = checkpoint_class_names(model, ckpt, descriptions=True) or [str(i) for i in range(model.num_classes)]

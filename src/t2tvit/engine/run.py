@@ -173,7 +173,8 @@ def _build_data(cfg: RunConfig, env: DistEnv, train_images, val_images, class_na
         raise UserError(
             f'batch size {cfg.batch_size}{procs} is larger than the training set ({len(train_ds)} '
             f'images); use -b {max(1, len(train_ds) // env.world_size)} or less')
-    sampler = D.EpochSampler(train_ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed)
+    sampler = D.EpochSampler(train_ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed,
+                             groups=D.shard_groups(train_images))
     pin = env.device.type == 'cuda'
     if cfg.cache_images:
         return _memory_data(cfg, env, train_images, val_images, class_names, sampler, say)
