@@ -47,7 +47,18 @@ def _args(folder, out, batch):
     ]
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(folder, tmp_path):
+@pytest.fixture(scope='module')
+def shards(folder, tmp_path_factory):
+    pytest.importorskip('wids', reason='wids is not installed (pip install -e .[dev])')
+    out = tmp_path_factory.mktemp('shards') / 'shapes'
+    from t2tvit.cli import main
+    assert main(['prepare', str(folder), str(out), '--shard-images', '5', '--no-progress']) == 0
+    return out
+
+
+@pytest.mark.parametrize('source', ['folder', 'shards'])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(source, request, tmp_path):
+    folder = request.getfixturevalue(source)  # shards: each rank reads its share through the shard-local shuffle
     single = run_cli(_args(folder, tmp_path / 'single', 8), cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = _torchrun(_args(folder, tmp_path / 'ddp', 4), cwd=tmp_path)
