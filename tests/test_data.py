@@ -244,3 +244,33 @@ def test_randaugment_at_full_magnitude_never_fails():
     for seed in range(30):
         random.seed(seed)
         assert t(img).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize('remode', ['pixel', 'rand'])
+def test_staged_batches_cross_the_loader_as_uint8_and_equal_the_float_pipeline(remode):
+    """Training ships uint8 (a quarter of the bytes) and normalises and erases on the device: the same tensors."""
+    transform = D.train_transform('timm', 48, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 'bicubic',
+                                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.4,
+                                  auto_augment='rand-m9-mstd0.5-inc1', train_interpolation='random', reprob=0.5,
+                                  remode=remode, crop_pct=0.9)
+    staged = D.StagedTransform.split(transform)
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (60, 70, 3), dtype=np.uint8)) for _ in range(24)]
+
+    class Pictures(D.LabelledImages):
+        classes, targets = ['a', 'b'], [i % 2 for i in range(24)]
+
+        def image(self, i):
+            return pictures[i]
+
+    loaders = [D.make_loader(D.AugmentedDataset(Pictures(), t, seed=5), 8, D.EpochSampler(range(24), seed=5), 2)
+               for t in (transform, staged)]
+    erased = 0
+    for (xf, yf, _), (xs, ys, _) in zip(*loaders):
+        assert isinstance(xs, D.StagedBatch) and xs.pixels.dtype == torch.uint8
+        erased += sum(map(len, xs.erased))
+        assert torch.equal(xf, xs.to('cpu')) and torch.equal(yf, ys)
+        assert torch.equal(xs[:-1].to('cpu'), xf[:-1])  # mixup's even batch
+    assert 4 <= erased <= 20  # random erasing drew in about half the images, as the float pipeline did
+    assert D.StagedTransform.split(D.eval_transform(32, (0.5,) * 3, (0.5,) * 3, 0.9, 'bicubic')) is not None
+    assert D.StagedTransform.split(lambda img: img) is None

@@ -259,3 +259,55 @@ def test_without_the_datasets_package_the_error_says_how_to_install_it(tmp_path,
 def test_kind_of_data():
     assert sources.kind_of('pipe:cat x') == 'shards' and sources.kind_of('https://h/m.json') == 'shards'
     assert sources.kind_of(os.devnull) is None
+
+
+def _readme_shard_commands():
+    from conftest import ROOT
+
+    readme = (ROOT / 'README.md').read_text()
+    section = readme.split('### Data from shards and from datasets files', 1)[1].split('\n## ', 1)[0]
+    block = section.split('```bash\n', 1)[1].split('```', 1)[0]
+    return [ln.split('t2tvit ', 1)[1] for ln in block.splitlines() if ln.startswith('t2tvit ')]
+
+
+def test_the_readme_shard_and_datasets_commands_run_in_small(folder, served, tmp_path, monkeypatch, capsys):
+    """Each command of the README's shards section, on the tiny folder and a tiny model: prepare, train and
+    validate from the shard folder, from the manifest's URL and a pipe: command, and from hub-style parquet."""
+    import shlex
+
+    pytest.importorskip('datasets', reason='datasets is not installed (pip install -e .[dev])')
+    monkeypatch.setenv('T2TVIT_SHARD_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.chdir(tmp_path)
+    hub = tmp_path / 'hub'
+    (hub / 'data').mkdir(parents=True)
+    _hf_dataset(folder, 'train', 30).to_parquet(str(hub / 'data' / 'train-00000-of-00001.parquet'))
+    _hf_dataset(folder, 'val', 12).to_parquet(str(hub / 'data' / 'validation-00000-of-00001.parquet'))
+    shards = tmp_path / 'imagenet-shards'
+    where = {'/data/imagenet': str(folder), '/data/imagenet-shards': str(shards), '/data/imagenet-1k': str(hub),
+             'https://datasets.example.com/imagenet-shards/manifest.json': f'{served}/manifest.json',
+             'pipe:aws s3 cp s3://bucket/imagenet-shards/manifest.json -': f'pipe:cat {shards}/manifest.json'}
+    commands = _readme_shard_commands()
+    assert [c.split()[0] for c in commands] == ['prepare', 'train', 'validate', 'train', 'train', 'train']
+    for command in commands:
+        args = [where.get(a, a) for a in shlex.split(command)]
+        if args[0] == 'prepare':
+            args[args.index('--shard-images') + 1] = '7'
+        if args[0] == 'train':
+            i = args.index('--config')
+            del args[i:i + 4]  # --config t2t_vit_14 -b 64: the ImageNet preset, here a tiny model
+            args += [*TINY, *QUICK, '--epochs', '1', '-b', '4', '--overwrite']
+        if args[0] == 'validate':
+            args += ['--no-progress']
+        assert main(args) == 0, command
+    assert (shards / 'manifest.json').is_file() and load(tmp_path / 'runs' / 't2t_vit_14' / 'last.pth')['epoch'] == 1
+
+
+def test_ablate_trains_its_variants_from_shards(shards, tmp_path):
+    from t2tvit.analysis import ablate
+
+    assert ablate.detect_dataset(str(shards)) == 'folder' and ablate.detect_dataset('pipe:cat m.json') == 'folder'
+    lines = []
+    result = ablate.run_ablation(str(shards / 'manifest.json'), epochs=1, seeds=1, img_size=8, variants=['wo_t2t'],
+                                 jobs=1, out_dir=tmp_path, log=lines.append)
+    assert [(r.variant, r.epochs) for r in result.runs] == [('wo_t2t', 1)]
+    assert (tmp_path / 'runs' / 'wo_t2t-seed0' / 'last.pth').is_file()

@@ -377,12 +377,109 @@ class _seeded:
 
 
 def collate(items):
-    """Batch the readable images; return ``(images, targets, failed_paths)``."""
+    """Batch the readable images; return ``(images, targets, failed_paths)``; :class:`Staged` images make a
+    :class:`StagedBatch`."""
     good = [it for it in items if not isinstance(it, Failed)]
     failed = [it.path for it in items if isinstance(it, Failed)]
     if not good:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long), failed
-    return torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.long), failed
+    targets = torch.tensor([g[1] for g in good], dtype=torch.long)
+    if isinstance(good[0][0], Staged):
+        first = good[0][0]
+        return (StagedBatch(torch.stack([g[0].pixels for g in good]), [g[0].erased for g in good], first.mean,
+                            first.std), targets, failed)
+    return torch.stack([g[0] for g in good]), targets, failed
+
+
+# -- uint8 until the device -------------------------------------------------------------------------------
+@dataclass
+class Staged:
+    """One image as the loader ships it: uint8 pixels, and the regions random erasing drew for it (the slice
+    and the fill, drawn in the worker under the image's seed); normalised and erased where it trains."""
+
+    pixels: torch.Tensor
+    erased: List[Tuple[Any, torch.Tensor]]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+class _ErasedRegions:
+    """Stands in for the image in timm's RandomErasing: records each assignment instead of making it."""
+
+    def __init__(self):
+        self.regions: List[Tuple[Any, torch.Tensor]] = []
+
+    def __setitem__(self, key, value):
+        self.regions.append((key, value.clone()))
+
+
+class StagedTransform:
+    """A ToTensor + Normalize (+ RandomErasing) pipeline split so that the batch crosses from the loader
+    processes as uint8 (a quarter of float32's bytes) and is normalised on the device.
+
+    The head (crop, flip, RandAugment) and every random draw of the erasing run in the worker, in the
+    order the whole pipeline draws them, so :class:`StagedBatch` gives the very tensors the pipeline
+    would (bit for bit on the CPU: the same division, subtraction and division in float32).
+    """
+
+    def __init__(self, head: Callable, mean, std, erase=None):
+        from torchvision import transforms as T
+
+        self.head = T.Compose([*head, T.PILToTensor()])
+        self.mean, self.std, self.erase = tuple(mean), tuple(std), erase
+
+    @classmethod
+    def split(cls, transform) -> Optional['StagedTransform']:
+        """The staged form of ``transform``, or None when it does not end in ToTensor, Normalize[, RandomErasing]."""
+        from timm.data.random_erasing import RandomErasing
+        from torchvision import transforms as T
+
+        steps = list(getattr(transform, 'transforms', []))
+        erase = steps.pop() if steps and isinstance(steps[-1], RandomErasing) else None
+        if erase is not None and (erase.num_splits > 1 or str(erase.device) != 'cpu'):
+            return None
+        if len(steps) < 2 or not isinstance(steps[-1], T.Normalize) or type(steps[-2]).__name__ not in (
+                'ToTensor', 'MaybeToTensor'):
+            return None
+        norm = steps[-1]
+        return cls(steps[:-2], [float(m) for m in torch.as_tensor(norm.mean).flatten()],
+                   [float(v) for v in torch.as_tensor(norm.std).flatten()], erase)
+
+    def __call__(self, img) -> Staged:
+        pixels = self.head(img)
+        regions = _ErasedRegions()
+        if self.erase is not None:
+            self.erase._erase(regions, *pixels.shape, torch.float32)
+        return Staged(pixels, regions.regions, self.mean, self.std)
+
+
+class StagedBatch:
+    """A batch of :class:`Staged` images: ``.to(device)`` gives the normalised, erased float32 batch there."""
+
+    def __init__(self, pixels: torch.Tensor, erased, mean, std):
+        self.pixels, self.erased, self.mean, self.std = pixels, erased, mean, std
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def numel(self) -> int:
+        return self.pixels.numel()
+
+    def __getitem__(self, index: slice) -> 'StagedBatch':
+        return StagedBatch(self.pixels[index], self.erased[index], self.mean, self.std)
+
+    def pin_memory(self) -> 'StagedBatch':
+        return StagedBatch(self.pixels.pin_memory(), self.erased, self.mean, self.std)
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        x = self.pixels.to(device, non_blocking=non_blocking).to(torch.float32).div_(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        x = x.sub_(mean).div_(std)
+        for image, regions in zip(x, self.erased):
+            for key, fill in regions:
+                image[key] = fill.to(x.device, non_blocking=non_blocking)
+        return x
 
 
 # -- samplers -----------------------------------------------------------------------------------------

@@ -395,7 +395,13 @@ def decode(data: bytes, name: str) -> Image.Image:
 
 # -- Hugging Face datasets files ----------------------------------------------------------------------------
 def parquet_files(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob('*.parquet') if not any(part.startswith('.') for part in p.parts))
+    """``folder/*.parquet`` and the hub's ``folder/data/*.parquet`` (or a folder per split); never a walk of
+    the whole tree, which for an image folder would list every image on every rank."""
+    found = list(folder.glob('*.parquet'))
+    for sub in ('data', *SPLIT_NAMES['train'], *SPLIT_NAMES['val']):
+        if (folder / sub).is_dir():
+            found += (folder / sub).glob('*.parquet')
+    return sorted(p for p in found if not p.name.startswith('.'))
 
 
 def _split_of(path: Path) -> Optional[str]:

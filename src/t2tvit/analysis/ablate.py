@@ -113,9 +113,14 @@ def dataset_img_size(dataset: str) -> int:
 
 
 def detect_dataset(data: str | None) -> str:
-    """digits without DATA; cifar10/cifar100 when DATA holds (or is) the python archive folder; else folder."""
+    """digits without DATA; cifar10/cifar100 when DATA holds (or is) the python archive folder; else folder
+    (an image folder, shards or datasets files)."""
+    from ..sources import kind_of
+
     if data is None:
         return 'digits'
+    if kind_of(data) is not None:  # shards (a folder, a manifest, a URL, pipe:) or datasets files
+        return 'folder'
     root = Path(data)
     if not root.is_dir():
         raise UserError(f'{data}: no such folder (give an image folder with train/ and val/, a CIFAR folder, '

@@ -165,7 +165,8 @@ def _build_data(cfg: RunConfig, env: DistEnv, train_images, val_images, class_na
 
     transform = D.train_transform(cfg.augment, cfg.img_size, cfg.mean, cfg.std, cfg.interpolation,
                                   **{k: getattr(cfg, k) for k in TRAIN_TRANSFORM_KEYS})
-    train_ds = D.AugmentedDataset(train_images, transform, seed=cfg.seed)
+    # uint8 across the loader, normalised (and erased) on the device: the same tensors, a quarter of the bytes
+    train_ds = D.AugmentedDataset(train_images, D.StagedTransform.split(transform) or transform, seed=cfg.seed)
     val_ds = D.AugmentedDataset(
         val_images, D.eval_transform(cfg.img_size, cfg.mean, cfg.std, cfg.crop_pct, cfg.interpolation), seed=cfg.seed)
     if cfg.batch_size * env.world_size > len(train_ds):
