@@ -179,3 +179,11 @@ def test_readme_benchmark_commands_run_in_small(args, capsys):
 @pytest.mark.parametrize('args', [a for a in _lines_of('benchmark') if '--compile' in a])
 def test_readme_compile_benchmark_runs_in_small(args, capsys):
     assert 'compile:' in _run_small_benchmark(args, capsys)
+
+
+def test_readme_loader_table_is_results_loader_md():
+    results = (ROOT / 'benchmarks' / 'RESULTS_loader.md').read_text()
+    rows = [ln for ln in results.splitlines() if ln.startswith('| folder') or ln.startswith('| shards')]
+    assert len(rows) >= 4
+    section = README.split('### Data from shards and from datasets files', 1)[1]
+    assert all(row in section for row in rows)
