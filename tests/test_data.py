@@ -274,3 +274,16 @@ def test_staged_batches_cross_the_loader_as_uint8_and_equal_the_float_pipeline(r
     assert 4 <= erased <= 20  # random erasing drew in about half the images, as the float pipeline did
     assert D.StagedTransform.split(D.eval_transform(32, (0.5,) * 3, (0.5,) * 3, 0.9, 'bicubic')) is not None
     assert D.StagedTransform.split(lambda img: img) is None
+
+
+def test_cifar_archives_prepare_to_shards_with_the_same_pixels(tmp_path):
+    pytest.importorskip('wids', reason='wids is not installed (pip install -e .[dev])')
+    from t2tvit import sources
+
+    _write_cifar10(tmp_path / 'c')
+    sources.prepare('cifar10', str(tmp_path / 'c'), str(tmp_path / 's'), shard_images=8)
+    train, test = D.training_images('cifar10', str(tmp_path / 'c'), 32)
+    s_train, s_test = D.training_images('folder', str(tmp_path / 's'), 32)
+    assert s_train.classes == train.classes and (len(s_train), len(s_test)) == (20, 4)
+    original = {np.asarray(train.image(i)).tobytes(): train.targets[i] for i in range(20)}
+    assert {np.asarray(s_train.image(i)).tobytes(): s_train.targets[i] for i in range(20)} == original  # PNG: lossless

@@ -178,6 +178,12 @@ def test_bad_shards_manifests_and_urls_are_one_line_errors(shards, tmp_path, cap
     _one_error(capsys, _train('http://127.0.0.1:9/manifest.json', tmp_path / 'o3'),
                'http://127.0.0.1:9/manifest.json', 'cannot be read', 'reach')
     _one_error(capsys, _train('pipe:false', tmp_path / 'o4'), 'pipe:false', 'cannot be read')
+    manifest = json.loads((shards / 'manifest.json').read_text())
+    manifest['splits']['train']['shards'][0]['url'] = 'pipe:touch owned'
+    (tmp_path / 'evil.json').write_text(json.dumps(manifest))
+    _one_error(capsys, _train(tmp_path / 'evil.json', tmp_path / 'o6'), "names shard 'pipe:touch owned'",
+               'relative to the manifest')
+    assert not (tmp_path / 'owned').exists()
     (tmp_path / 'other.json').write_text('{"shards": []}')
     _one_error(capsys, _train(tmp_path / 'other.json', tmp_path / 'o5'), 'not a shard manifest')
 

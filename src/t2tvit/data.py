@@ -9,6 +9,10 @@ same batches as one that never stopped.
 Images that fail to decode do not stop a run: the loader drops them from the batch and reports
 their paths, the training loop counts them and aborts when more than 1% fail.
 
+Training batches cross from the loader processes as uint8 (:class:`StagedTransform`): the workers run
+the transform up to the pixels and make random erasing's draws, the batch is normalised and erased on
+the device, giving the very tensors of the whole pipeline. Shards and datasets files: ``sources.py``.
+
 Nothing is ever downloaded: CIFAR must already be on disk (the messages say which files go where)
 and the digits come with scikit-learn.
 """

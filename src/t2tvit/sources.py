@@ -194,11 +194,19 @@ class _open_remote:
         return False
 
 
+_SHARD_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$')
+
+
 def shard_location(manifest_at: str, url: str) -> str:
-    """Where shard ``url`` (as the manifest names it) lives: absolute as given, else beside the manifest;
-    for a ``pipe:`` manifest, its command with the manifest's file name replaced by the shard's."""
-    if is_remote(url) or os.path.isabs(url):
-        return url
+    """Where shard ``url`` (as the manifest names it) lives: beside the manifest; for a ``pipe:`` manifest,
+    its command with the manifest's file name replaced by the shard's.
+
+    Shard names are plain relative paths (letters, digits, ``_.-`` and ``/``, no ``..``): a manifest read
+    from elsewhere can neither run a command of its own (``pipe:``) nor send this machine to another host.
+    """
+    if not _SHARD_NAME.match(url) or '..' in url.split('/'):
+        raise UserError(f'{manifest_at}: names shard {url!r}; shard names must be paths relative to the manifest '
+                        f'(as t2tvit prepare writes them), not URLs, commands or absolute paths')
     if manifest_at.startswith('pipe:'):
         if MANIFEST not in manifest_at:
             raise UserError(f'{manifest_at}: a pipe: command for relative shard names must name {MANIFEST} '
@@ -232,8 +240,10 @@ def fetch_shard(location: str, local: Path, size: int, progress_name: str) -> No
         try:
             with os.fdopen(fd, 'wb') as out, _open_remote(location) as f:
                 shutil.copyfileobj(f, out, 1 << 20)
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C too: no partial copy left behind
             os.unlink(tmp)
+            if not isinstance(e, Exception):
+                raise
             raise UserError(f'{progress_name}: cannot be fetched from {location} ({_reason(e)}); check that '
                             f'it exists there and that this machine can reach it') from None
         got = os.path.getsize(tmp)
