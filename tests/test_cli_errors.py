@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from t2tvit.cli import main
-from train_helpers import QUICK, TINY, load, run_cli, write_folder
+from train_helpers import QUICK, TINY, fails_in_one_line as _fails, load, run_cli, write_folder
 
 
 @pytest.fixture(scope='module')
@@ -17,19 +17,6 @@ def checkpoint(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp('runs') / 'ok'
     assert main(['train', str(folder), *TINY, *QUICK, '--epochs', '1', '-b', '4', '--output', str(out)]) == 0
     return out / 'last.pth'
-
-
-def _fails(capsys, argv, *needles):
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f't2tvit {argv[0]}: error: ') and 'Traceback' not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_missing_data(capsys, tmp_path):

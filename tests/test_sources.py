@@ -15,6 +15,7 @@ from t2tvit import data as D
 from t2tvit import sources
 from t2tvit.cli import main
 from train_helpers import QUICK, TINY, assert_same_tensors, load, write_folder
+from train_helpers import fails_in_one_line as _one_error
 
 pytest.importorskip('webdataset', reason='webdataset is not installed (pip install -e .[dev])')
 pytest.importorskip('wids', reason='wids is not installed (pip install -e .[dev])')
@@ -30,18 +31,6 @@ def shards(folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('shards') / 'shapes'
     assert main(['prepare', str(folder), str(out), '--shard-images', '7', '--no-progress']) == 0
     return out
-
-
-def _one_error(capsys, argv, *needles):
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and 'Traceback' not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_prepare_writes_every_image_once_with_its_class_and_a_manifest(folder, shards):

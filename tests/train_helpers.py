@@ -128,3 +128,19 @@ def assert_same_tensors(a, b, exact: bool = True, atol: float = 0.0, rtol: float
             assert_same_tensors(x, y, exact, atol, rtol, f'{where}[{i}]')
     else:
         assert a == b, f'{where}: {a!r} != {b!r}'
+
+
+def fails_in_one_line(capsys, argv, *needles):
+    """``main(argv)`` exits 2 with one stderr line, ``t2tvit CMD: error: ...``, holding every needle."""
+    from t2tvit.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f't2tvit {argv[0]}: error: ') and 'Traceback' not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
