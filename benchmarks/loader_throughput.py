@@ -14,8 +14,6 @@ after the loader, as timm's prefetcher does on the GPU; here on the CPU, timed w
 Prints a markdown table: images per second of the whole loader and per worker, best of ``--rounds``.
 """
 import argparse
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'src'))
-TAR = ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg' / 'train.tar.gz'
+from scratch_speed import TAR, cpu_line  # noqa: E402  (this folder is on sys.path when run)
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -111,15 +110,8 @@ def main() -> None:
                     print(f'{name} {kind} workers {workers}: {best:.1f} img/s', file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    cpu = platform.processor() or 'unknown'
-    try:
-        cpu = next(ln.split(':', 1)[1].strip() for ln in open('/proc/cpuinfo') if ln.startswith('model name'))
-        flags = next(ln for ln in open('/proc/cpuinfo') if ln.startswith('flags')).split()
-        cpu += ' (' + ' '.join(f for f in flags if 'bf16' in f or 'int8' in f or f == 'avx512_vnni') + ')'
-    except (OSError, StopIteration):
-        pass
     print(f'{args.images} CIFAR-10 JPEGs upscaled to {args.size} (JPEG q90), {mb:.0f} MB in 250-image shards '
-          f'(prepare {prepare_s:.1f} s); {cpu}, {os.cpu_count()} cores, batch {args.batch_size}, '
+          f'(prepare {prepare_s:.1f} s); {cpu_line()}; batch {args.batch_size}, '
           f'best of {args.rounds}; torch {torch.__version__}; git {_git()}\n')
     print('| data | batches | workers | img/s | img/s per worker | vs folder float |')
     print('|---|---|---|---|---|---|')

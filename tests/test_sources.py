@@ -265,7 +265,7 @@ def _readme_shard_commands():
     return [ln.split('t2tvit ', 1)[1] for ln in block.splitlines() if ln.startswith('t2tvit ')]
 
 
-def test_the_readme_shard_and_datasets_commands_run_in_small(folder, served, tmp_path, monkeypatch, capsys):
+def test_the_readme_shard_and_datasets_commands_run_in_small(folder, served, tmp_path, monkeypatch):
     """Each command of the README's shards section, on the tiny folder and a tiny model: prepare, train and
     validate from the shard folder, from the manifest's URL and a pipe: command, and from hub-style parquet."""
     import shlex

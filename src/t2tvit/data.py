@@ -96,12 +96,17 @@ def load_image(path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise UserError(f'{path}: no such image file (check the path)')
+    with open(path, 'rb') as f:
+        return decode_image(f.read(), str(path))
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Encoded image bytes (a file's, a shard sample's, a datasets row's) as RGB; undecodable is a UserError."""
     try:
-        with open(path, 'rb') as f:
-            img = Image.open(io.BytesIO(f.read()))
-            img.load()
+        img = Image.open(io.BytesIO(data))
+        img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f'{path}: cannot be read as an image ({type(e).__name__}); give a JPEG or PNG file') from None
+        raise UserError(f'{name}: cannot be read as an image ({type(e).__name__}); give a JPEG or PNG file') from None
     return to_rgb(img)
 
 
@@ -706,11 +711,12 @@ def _source_images(data: str, val_split: float, seed: int):
         train = manifest.images('train')
         val = None if val_split > 0 or manifest.split('val') is None else manifest.images('val')
     else:
-        train = sources.datasets_images(data, 'train')
+        found = sources.open_datasets(data)
+        train = sources.datasets_split(found, data, 'train')
         if train is None:
-            raise UserError(f'{data}: no train split (it has {sources.describe_splits(data)}); name the '
+            raise UserError(f'{data}: no train split (it has {", ".join(found) or "none"}); name the '
                             f'training files train-*.parquet or save a DatasetDict with a train split')
-        val = None if val_split > 0 else sources.datasets_images(data, 'val', classes=train.classes)
+        val = None if val_split > 0 else sources.datasets_split(found, data, 'val', classes=train.classes)
     if val_split > 0:
         return held_out_split(train, val_split, seed, describe=f'{data} train')
     if val is None:
@@ -719,7 +725,7 @@ def _source_images(data: str, val_split: float, seed: int):
     return train, val
 
 
-def _source_eval_images(data: str, classes: Optional[Sequence[str]]):
+def _source_eval_images(data: str):
     """The val split of a shard set or a datasets file (its train split when it has none), or None."""
     from . import sources
 
@@ -728,7 +734,8 @@ def _source_eval_images(data: str, classes: Optional[Sequence[str]]):
         manifest = sources.Manifest(data)
         return manifest.images('val' if manifest.split('val') is not None else 'train')
     if kind == 'datasets':
-        return sources.datasets_images(data, 'val') or sources.datasets_images(data, 'train')
+        found = sources.open_datasets(data)
+        return sources.datasets_split(found, data, 'val') or sources.datasets_split(found, data, 'train')
     return None
 
 
@@ -739,7 +746,7 @@ def evaluation_images(
     if dataset == 'digits':
         return DigitsImages(train=False, size=img_size)
     if dataset == 'folder' and data is not None:
-        found = _source_eval_images(data, classes)
+        found = _source_eval_images(data)
         if found is not None:
             return found
     root = Path(data)

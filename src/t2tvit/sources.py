@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from PIL import Image
 
-from .data import LabelledImages, to_rgb
+from .data import LabelledImages, decode_image, to_rgb
 from .errors import UserError
 
 MANIFEST = 'manifest.json'
@@ -382,7 +382,7 @@ class ShardImages(LabelledImages):
         data = next((v for k, v in sample.items() if k.lstrip('.').lower() in _IMAGE_EXTS), None)
         if data is None:
             raise UserError(f'{self.name(i)}: no image in this sample (has {", ".join(sorted(sample))})')
-        return decode(data.read() if hasattr(data, 'read') else data, self.name(i))
+        return decode_image(data.read() if hasattr(data, 'read') else data, self.name(i))
 
 
 class ShardError(UserError):
@@ -392,15 +392,6 @@ class ShardError(UserError):
 
 
 _IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'ppm', 'bmp', 'tif', 'tiff', 'gif')
-
-
-def decode(data: bytes, name: str) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f'{name}: cannot be read as an image ({type(e).__name__})') from None
-    return to_rgb(img)
 
 
 # -- Hugging Face datasets files ----------------------------------------------------------------------------
@@ -515,16 +506,13 @@ class DatasetImages(LabelledImages):
             value = data
         if not isinstance(value, (bytes, bytearray)):
             raise UserError(f'{self.name(i)}: no image bytes in this row')
-        return decode(bytes(value), self.name(i))
+        return decode_image(bytes(value), self.name(i))
 
 
-def datasets_images(data: str, split: str, classes: Optional[List[str]] = None) -> Optional[DatasetImages]:
-    found = open_datasets(data)
+def datasets_split(found: Dict[str, Any], data: str, split: str,
+                   classes: Optional[List[str]] = None) -> Optional[DatasetImages]:
+    """Split ``split`` (or its alias: validation for val) of :func:`open_datasets`' ``found``, or None."""
     for alias in SPLIT_NAMES.get(split, (split,)):
         if alias in found:
             return DatasetImages(found[alias], data, alias, classes)
     return None
-
-
-def describe_splits(data: str) -> str:
-    return ', '.join(open_datasets(data)) or 'none'
